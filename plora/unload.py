@@ -137,7 +137,7 @@ def _unload_layer(layer: AdaptedLayer, momentum: float, mode: str, residual, sam
         def d_rows_fn(sel):
             return full[sel]
 
-        norm2 = float(full.square().sum())
+        norm2 = full.square().sum()
     else:
         L, R = layer.factors()
         alpha = momentum * layer.scaling
@@ -147,7 +147,7 @@ def _unload_layer(layer: AdaptedLayer, momentum: float, mode: str, residual, sam
             return (Lf[sel] @ Rf).mul_(alpha)
 
         # ||alpha L R||_F^2 = alpha^2 tr((L^T L)(R R^T)): r x r work, no temporary of W's size
-        norm2 = float((Lf.T @ Lf * (Rf @ Rf.T)).sum()) * alpha * alpha
+        norm2 = (Lf.T @ Lf * (Rf @ Rf.T)).sum() * (alpha * alpha)
 
     expected = d_rows_fn(rows)
     before = state_rows()
@@ -159,9 +159,8 @@ def _unload_layer(layer: AdaptedLayer, momentum: float, mode: str, residual, sam
         for start in range(0, W2d.shape[0], chunk):
             _update_rows(W2d, r2d, d_rows_fn, slice(start, start + chunk), mode, generator)
     landed = state_rows() - before
-    dot = float((landed * expected).sum())
-    den = float(expected.square().sum())
-    return norm2, dot, den
+    # stay on the device: one host sync per unload, not per layer
+    return torch.stack([norm2.double(), (landed * expected).sum().double(), expected.square().sum().double()])
 
 
 @torch.no_grad()
@@ -204,7 +203,7 @@ def unload_(
     if bad:
         warnings.warn(f"plora: skipped {len(bad)} layer(s) whose adapter holds NaN/Inf: {bad[:3]}", stacklevel=2)
     bad_set = set(bad)
-    norm2 = dot = den = 0.0
+    sums = None  # (norm², landed·expected, expected²), accumulated on the device
     modes: dict[str, int] = {}
     for layer in layers:
         if layer.name in bad_set:
@@ -217,13 +216,14 @@ def unload_(
             if residual is None:
                 residual = residuals[layer.name] = torch.zeros_like(layer.weight, dtype=torch.bfloat16)
         gen = reinit_generator(seed, layer.name, unload_index, layer.weight.device)
-        n2, d1, d2 = _unload_layer(layer, float(momentum), mode, residual, landed_sample_rows, gen)
-        norm2, dot, den = norm2 + n2, dot + d1, den + d2
+        part = _unload_layer(layer, float(momentum), mode, residual, landed_sample_rows, gen)
+        sums = part if sums is None else sums + part.to(sums.device)
         _merge_bias(layer, float(momentum))
         if momentum >= 1.0:
             layer.reinit_(reinit_generator(seed + 1, layer.name, unload_index, _adapter_device(layer)))
         else:
             layer.scale_b_(1.0 - momentum)
+    norm2, dot, den = sums.tolist() if sums is not None else (0.0, 0.0, 0.0)
     return UnloadStats(
         unload_index=unload_index,
         layers=len(layers) - len(bad),
