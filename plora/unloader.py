@@ -8,6 +8,8 @@
         stats = unloader.step()          # None, or the UnloadStats of the unload it made
 
 Call ``step()`` once per optimizer step (with gradient accumulation: once per accumulated step).
+The LR re-warmup acts through the optimizer's step hooks, so it composes with any scheduler;
+``lr_scheduler`` is accepted for the signature's sake and may be left out.
 ``state_dict()`` holds the counters and, for compensated merging, the residual buffers;
 together with the base weights (``plora.checkpoint``) it gives an exact resume.
 """
@@ -52,7 +54,7 @@ class PeriodicUnloader:
         self.steps_per_epoch = steps_per_epoch
         self._check_schedule_inputs()
         self.rewarmup = (
-            ReWarmup(optimizer, lr_scheduler, self.config.rewarmup_steps)
+            ReWarmup(optimizer, self.config.rewarmup_steps)
             if self.config.lr_strategy == "rewarmup"
             else None
         )
