@@ -142,14 +142,19 @@ def _target_modules(cfg: TrainConfig):
     return t
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
-    """Run one fine-tuning job described by ``cfg``; returns its summary (also saved as summary.json)."""
+def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
+          extra_callbacks: list | None = None) -> dict:
+    """Run one fine-tuning job described by ``cfg``; returns its summary (also saved as summary.json).
+
+    ``extra_callbacks`` are added to the Trainer's (e.g. your own logging).
+    """
     cfg.validate()
-    run_dir = _prepare_output(cfg, resume, overwrite)
-    train_records, heldout = _load_data(cfg)  # bad data fails here, before anything is written
+    # Bad data or a bad model path fails here, before anything is written.
+    train_records, heldout = _load_data(cfg)
     from plora.models import load_model_and_tokenizer, resolve_model_dir
 
-    resolve_model_dir(cfg.model)  # a bad model path fails before anything is written
+    resolve_model_dir(cfg.model)
+    run_dir = _prepare_output(cfg, resume, overwrite)
 
     import torch
     from transformers import Trainer, TrainingArguments, set_seed
@@ -214,6 +219,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
         callbacks.append(RankTracker(start, cfg.eval.rank_every, cfg.eval.rank_layers, run_dir / "metrics.jsonl"))
     if progress:
         callbacks.append(ProgressBar())
+    callbacks.extend(extra_callbacks or [])
     trainer = Trainer(model=model, args=args, train_dataset=_ListDataset(examples),
                       data_collator=D.DataCollator(tokenizer.pad_token_id), callbacks=callbacks)
     trainer.remove_callback(ProgressCallback)
@@ -343,9 +349,11 @@ class _Evaluator:
         self.heldout = heldout or []
 
     def run(self, model, label: str) -> dict:
+        e, out = self.cfg.eval, {}
+        if not (self.train_slice or (self.heldout and (e.loss_limit or e.heldout_limit))):
+            return out
         from plora import evaluate as E
 
-        e, out = self.cfg.eval, {}
         model.eval()
         if self.train_slice:
             out["train_slice_loss"] = E.heldout_loss(model, self.tokenizer, self.train_slice,

@@ -181,6 +181,11 @@ def parse_overrides(tokens: list[str]) -> dict:
             parsed = yaml.safe_load(value)
         except yaml.YAMLError:
             parsed = value
+        if isinstance(parsed, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                parsed = float(parsed)
+            except ValueError:
+                pass
         node = out
         parts = key.replace("-", "_").split(".")
         for part in parts[:-1]:
