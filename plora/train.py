@@ -158,7 +158,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
 
     import torch
     from transformers import Trainer, TrainingArguments, set_seed
-    from transformers.trainer_callback import ProgressCallback
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from transformers.trainer_utils import get_last_checkpoint
 
     from plora import data as D
@@ -207,6 +207,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
         save_total_limit=cfg.save_total_limit, report_to=[], seed=cfg.seed, data_seed=cfg.seed,
         bf16=use_bf16, use_cpu=not device.startswith("cuda"), dataloader_num_workers=0,
         include_num_input_tokens_seen="non_padding", disable_tqdm=True, remove_unused_columns=False,
+        **_length_grouping(cfg.group_by_length),
     )
     callbacks = [MetricsCallback(run_dir / "metrics.jsonl"), tensorboard_callback(run_dir / "tb")]
     plora_cb = None
@@ -223,6 +224,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
     trainer = Trainer(model=model, args=args, train_dataset=_ListDataset(examples),
                       data_collator=D.DataCollator(tokenizer.pad_token_id), callbacks=callbacks)
     trainer.remove_callback(ProgressCallback)
+    if progress:  # our bar replaces the raw log-dict printing
+        trainer.remove_callback(PrinterCallback)
 
     checkpoint = None
     if resume:
@@ -270,6 +273,20 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     _plot_loss(run_dir)
     return summary
+
+
+def _length_grouping(enabled: bool) -> dict:
+    """TrainingArguments keywords for length-grouped batches, across transformers versions."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    if "train_sampling_strategy" in names:
+        return {"train_sampling_strategy": "group_by_length" if enabled else "random"}
+    if "group_by_length" in names:
+        return {"group_by_length": enabled}
+    return {}
 
 
 def _finalise_model(model, cfg: TrainConfig, run_dir: Path, tokenizer, plora_cb):

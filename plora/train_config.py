@@ -71,6 +71,9 @@ class TrainConfig:
     data_limit: int | None = field(default=None, metadata={"help": "use only the first N training records"})
     max_length: int = 512
     packing: bool = False
+    group_by_length: bool = field(
+        default=True, metadata={"help": "batch examples of similar length (less padding, same data per epoch)"}
+    )
     epochs: float = 1.0
     max_steps: int = field(default=-1, metadata={"help": "optimizer steps; overrides epochs when > 0"})
     batch_size: int = 8
