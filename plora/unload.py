@@ -151,9 +151,18 @@ def _unload_layer(layer: AdaptedLayer, momentum: float, mode: str, residual, sam
 
     expected = d_rows_fn(rows)
     before = state_rows()
+    use_fused = False
+    if mode != "direct" and layer.kind != "conv" and W.is_cuda:
+        from plora import kernels  # imports triton: only on CUDA, so CPU installs never need it
+
+        use_fused = kernels.fused_available(W2d)
     if mode == "direct" and layer.kind != "conv":
         # One in-place GEMM: reads and writes W once, no temporary of W's size.
         W2d.addmm_(L.to(W.dtype), R.to(W.dtype), alpha=alpha)
+    elif use_fused:
+        # One fused Triton pass over W (and the residual) instead of the chunked fp32 loop below;
+        # the stochastic stream is seeded from this layer's (seed, layer, unload index) generator.
+        kernels.fused_update_(W2d, L, R, alpha, mode, r2d, seed=kernels.seed_from_generator(generator))
     else:
         chunk = max(1, _CHUNK_ELEMENTS // max(1, W2d.shape[1]))
         for start in range(0, W2d.shape[0], chunk):

@@ -1,0 +1,255 @@
+"""Benchmark: training-step time and peak memory of full fine-tuning, LoRA and PLoRA.
+
+One Llama-shaped model (by default about 1.0 B parameters, random init: hidden 2048, 16 layers,
+32 attention heads and 32 KV heads, intermediate 5632, vocab 32000; bf16 weights, SDPA attention,
+no gradient checkpointing), or a real one with ``--model DIR``. Every variant is built fresh from
+the same seed and trains on the same random tokens:
+
+- ``full``: every weight trainable, AdamW.
+- ``lora``: PEFT LoRA r=16 (alpha 32) on every linear layer of the decoder, AdamW on the adapter.
+- ``plora <mode>``: that LoRA plus ``plora.PeriodicUnloader`` unloading after every step, per
+  ``merge_precision`` direct, stochastic (no extra memory) and compensated (+2 bytes per adapted
+  weight element for its residual buffers).
+
+Each step is timed with a device sync at its end (median over the timed steps, after warm-up).
+For PLoRA the unloader's call is timed apart from the training step, in the same step, so:
+
+- every step: median of (training step + unload);
+- every 100 steps (amortised): median training step + median unload / 100. The unload's cost does
+  not depend on how often it runs (it always moves the whole adapter), so this is what a window of
+  100 steps with one unload costs per step, measured without running 100 steps.
+
+Peak memory is ``max_memory_allocated`` from the variant's build to its last step (weights,
+optimizer state, activations and, for compensated, the residuals). Targets: PLoRA/LoRA step time
+<= 1.03 unloading every step and <= 1.005 every 100 steps; PLoRA/LoRA peak memory <= 1.01.
+
+    python benchmarks/bench_train_step.py --json train_step.json                  # GPU, < 4 min on an H200
+    python benchmarks/bench_train_step.py --model DIR --json train_step_smol.json # a local HF model dir
+    python benchmarks/bench_train_step.py --small --device cpu                    # smoke check on a CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import plora  # noqa: E402
+
+PLORA_MODES = ("direct", "stochastic", "compensated")
+TARGET_EVERY_STEP = 1.03
+TARGET_EVERY_100 = 1.005
+TARGET_MEMORY = 1.01
+RANK = 16
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+CONFIGS = {
+    # ~1.0 B parameters (0.82 B in the decoder's linear layers, 0.13 B in the two embeddings)
+    "llama-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=32,
+                     intermediate_size=5632, vocab_size=32000, max_position_embeddings=4096),
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                 intermediate_size=128, vocab_size=256, max_position_embeddings=256),
+}
+
+
+def build_base(args, device):
+    """The base model in bf16 on ``device``, identical for every call (same seed)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if args.model:
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16, attn_implementation="sdpa")
+        model = model.to(device)
+    else:
+        config = LlamaConfig(**CONFIGS[args.config], attn_implementation="sdpa", use_cache=False)
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+        model = model.to(torch.bfloat16)
+    model.config.use_cache = False
+    model.train()
+    return model
+
+
+def build_variant(variant, args, device):
+    """(model, optimizer, unloader or None) for one variant."""
+    from peft import LoraConfig, get_peft_model
+
+    model = build_base(args, device)
+    if variant == "full":
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-5), None
+    lora = LoraConfig(r=RANK, lora_alpha=2 * RANK, lora_dropout=0.0, target_modules=LORA_TARGETS)
+    model = get_peft_model(model, lora)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    if variant == "lora":
+        return model, optimizer, None
+    mode = variant.split()[1]
+    unloader = plora.PeriodicUnloader(model, optimizer, plora.PLoRAConfig(unload_every=1, merge_precision=mode))
+    return model, optimizer, unloader
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run_variant(variant, args, device, batch):
+    """Median step (and unload) seconds and peak memory of one variant."""
+    cuda = device.startswith("cuda")
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base_allocated = torch.cuda.memory_allocated()
+    model, optimizer, unloader = build_variant(variant, args, device)
+    train_s, unload_s, losses = [], [], []
+    for i in range(args.warmup + args.steps):
+        sync(device)
+        start = time.perf_counter()
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync(device)
+        mid = time.perf_counter()
+        if unloader is not None:
+            unloader.step()
+            sync(device)
+        end = time.perf_counter()
+        if i >= args.warmup:
+            train_s.append(mid - start)
+            unload_s.append(end - mid)
+            losses.append(loss.item())
+    peak = (torch.cuda.max_memory_allocated() - base_allocated) if cuda else None
+    params = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    residual_bytes = sum(t.numel() * t.element_size() for t in unloader.residuals.values()) if unloader else 0
+    del model, optimizer, unloader
+    step = statistics.median(t + u for t, u in zip(train_s, unload_s))
+    return {
+        "variant": variant,
+        "step_s": step,
+        "train_s": statistics.median(train_s),
+        "unload_s": statistics.median(unload_s),
+        "every_100_s": statistics.median(train_s) + statistics.median(unload_s) / 100,
+        "step_s_all": [t + u for t, u in zip(train_s, unload_s)],
+        "peak_bytes": peak,
+        "params": params,
+        "trainable": trainable,
+        "residual_bytes": residual_bytes,
+        "loss_first_last": [losses[0], losses[-1]],
+    }
+
+
+def compare(rows):
+    """Ratios to LoRA and PASS/FAIL against the targets, added to the PLoRA rows in place."""
+    lora = next(r for r in rows if r["variant"] == "lora")
+    for r in rows:
+        r["step_vs_lora"] = r["step_s"] / lora["step_s"]
+        r["every_100_vs_lora"] = r["every_100_s"] / lora["step_s"]
+        if r["peak_bytes"] is not None and lora["peak_bytes"]:
+            r["memory_vs_lora"] = r["peak_bytes"] / lora["peak_bytes"]
+        if r["variant"].startswith("plora"):
+            r["pass"] = {
+                "every step": r["step_vs_lora"] <= TARGET_EVERY_STEP,
+                "every 100": r["every_100_vs_lora"] <= TARGET_EVERY_100,
+                "memory": r["memory_vs_lora"] <= TARGET_MEMORY if "memory_vs_lora" in r else None,
+            }
+
+
+def markdown(results) -> str:
+    out = [f"Device: {results['device']}; model: {results['model']} "
+           f"({results['params'] / 1e9:.3g} B parameters); batch {results['batch']} x {results['seq']} tokens; "
+           f"{results['warmup']} warm-up + {results['steps']} timed steps per variant.\n",
+           "| variant | step ms | unload ms | vs LoRA, every step | vs LoRA, every 100 | peak GiB | memory vs LoRA | targets |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in results["rows"]:
+        peak = "n/a" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**30:.2f}"
+        mem = f"{r['memory_vs_lora']:.3f}" if "memory_vs_lora" in r else "n/a"
+        verdict = ", ".join(f"{k} {_verdict(v)}" for k, v in r.get("pass", {}).items())
+        unload = f"{r['unload_s'] * 1e3:.2f}" if r["variant"].startswith("plora") else ""
+        out.append(f"| {r['variant']} | {r['step_s'] * 1e3:.1f} | {unload} | {r['step_vs_lora']:.3f} | "
+                   f"{r['every_100_vs_lora']:.4f} | {peak} | {mem} | {verdict} |")
+    comp = next((r for r in results["rows"] if r["variant"] == "plora compensated"), None)
+    if comp and comp["residual_bytes"]:
+        out.append(f"\nCompensated residual buffers: {comp['residual_bytes'] / 2**30:.2f} GiB "
+                   "(+2 bytes per adapted weight element, by design).")
+    out.append(f"\nTargets: PLoRA/LoRA step time <= {TARGET_EVERY_STEP} unloading every step, <= {TARGET_EVERY_100} "
+               f"every 100 steps (amortised: train step + unload/100); PLoRA/LoRA peak memory <= {TARGET_MEMORY}.")
+    return "\n".join(out)
+
+
+def _verdict(ok) -> str:
+    return "n/a" if ok is None else "PASS" if ok else "FAIL"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--small", action="store_true", help="tiny model, short sequence: a CPU smoke check")
+    p.add_argument("--model", default=None, help="a local Hugging Face model dir (safetensors) instead of the random 1B")
+    p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 2048; 64 with --small)")
+    p.add_argument("--batch", type=int, default=None, help="sequences per step (default 8; 2 with --small)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up steps per variant (default 3; 1 with --small)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 10; 3 with --small)")
+    p.add_argument("--variants", nargs="+", default=None,
+                   help="subset of: full lora 'plora direct' 'plora stochastic' 'plora compensated'")
+    p.add_argument("--json", type=Path, default=None, help="write the results here")
+    args = p.parse_args(argv)
+    args.config = "tiny" if args.small else "llama-1b"
+    args.seq = args.seq or (64 if args.small else 2048)
+    args.batch = args.batch or (2 if args.small else 8)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.small else 3)
+    args.steps = args.steps or (3 if args.small else 10)
+    device = args.device
+    variants = args.variants or ["full", "lora"] + [f"plora {m}" for m in PLORA_MODES]
+    if "lora" not in variants:
+        variants = ["lora"] + variants  # the reference of every ratio
+    vocab = build_base_vocab(args)
+    g = torch.Generator().manual_seed(1)
+    batch = torch.randint(0, vocab, (args.batch, args.seq), generator=g).to(device)
+
+    rows = []
+    for variant in variants:
+        start = time.perf_counter()
+        rows.append(run_variant(variant, args, device, batch))
+        print(f"[{variant}: {time.perf_counter() - start:.1f} s]", file=sys.stderr)
+    compare(rows)
+    results = {
+        "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "command": " ".join(["python", "benchmarks/bench_train_step.py"] + list(argv if argv is not None else sys.argv[1:])),
+        "model": args.model or f"random {args.config} ({', '.join(f'{k}={v}' for k, v in CONFIGS[args.config].items())})",
+        "params": next(r["params"] - r["trainable"] for r in rows if r["variant"] == "lora"),  # base only
+        "batch": args.batch,
+        "seq": args.seq,
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "rank": RANK,
+        "rows": rows,
+    }
+    print(markdown(results))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def build_base_vocab(args) -> int:
+    if args.model:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(args.model).vocab_size
+    return CONFIGS[args.config]["vocab_size"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,346 @@
+"""Benchmark: plora's unload against the naive ReLoRA merge and the device's copy bandwidth.
+
+The linear layers of a Llama-2-7B-shaped and a Llama-3.2-1B-shaped model (bf16, random weights)
+get PEFT LoRA r=16 on every linear layer. Timed, each as the median of several repetitions
+after a warm-up, in one run on one device:
+
+- ``copy``: ``dst.copy_(src)`` of a large buffer, the roofline (bytes = read + write).
+- ``plora <mode>``: ``plora.unload_`` with its default configuration (landed-share sampling of
+  64 rows per layer included, as in training), per ``merge_precision`` direct / compensated /
+  stochastic, reusing the layer list as ``PeriodicUnloader`` does.
+- ``update only <mode>``: just the weight updates of those unloads (``addmm_`` for direct, the
+  fused Triton kernel of ``plora.kernels`` for all three modes): what an unload cannot avoid.
+- ``plora <mode>, torch path``: the unload with the Triton kernel switched off (GPU only).
+- ``naive merge``: what axolotl's ReLoRA does per layer, ``W += B @ A * scaling`` then A
+  re-initialised (kaiming) and B zeroed.
+
+Bytes that must move per weight element: 4 (W read + written) for direct and stochastic, 8 for
+compensated (the bf16 residual read + written too). Effective bandwidth = those bytes / time.
+Peak memory growth is ``max_memory_allocated`` during one unload minus what was allocated before
+it (the compensated residual buffers, +2 bytes per weight element, exist from the first unload
+on and are reported apart), against the size of the largest single weight.
+
+    python benchmarks/bench_unload.py --json unload.json           # GPU, under 3 minutes on an H200
+    python benchmarks/bench_unload.py --small --device cpu         # smoke check on a CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import plora  # noqa: E402
+from plora.layers import adapted_layers  # noqa: E402
+
+MODES = ("direct", "compensated", "stochastic")
+BYTES_PER_ELEMENT = {"direct": 4, "compensated": 8, "stochastic": 4}
+TARGET_COPY_SHARE = 0.80
+TARGET_SPEEDUP = 2.0
+RANK = 16
+
+# name: (hidden, intermediate, layers, kv width): q/o hidden x hidden, k/v kv x hidden,
+# gate/up intermediate x hidden, down hidden x intermediate (out x in, as nn.Linear stores them)
+SHAPES = {
+    "llama-2-7b": (4096, 11008, 32, 4096),
+    "llama-3.2-1b": (2048, 8192, 16, 512),  # grouped-query attention: 8 KV heads of 64
+    "tiny": (64, 160, 2, 32),
+}
+
+
+class Block(nn.Module):
+    """The seven linear layers of one Llama decoder layer (no attention or norms: not needed here)."""
+
+    def __init__(self, hidden, intermediate, kv, device, dtype):
+        super().__init__()
+        kw = dict(bias=False, device=device, dtype=dtype)
+        self.q_proj = nn.Linear(hidden, hidden, **kw)
+        self.k_proj = nn.Linear(hidden, kv, **kw)
+        self.v_proj = nn.Linear(hidden, kv, **kw)
+        self.o_proj = nn.Linear(hidden, hidden, **kw)
+        self.gate_proj = nn.Linear(hidden, intermediate, **kw)
+        self.up_proj = nn.Linear(hidden, intermediate, **kw)
+        self.down_proj = nn.Linear(intermediate, hidden, **kw)
+
+
+class LinearStack(nn.Module):
+    def __init__(self, hidden, intermediate, layers, kv, device, dtype=torch.bfloat16):
+        super().__init__()
+        self.layers = nn.ModuleList(Block(hidden, intermediate, kv, device, dtype) for _ in range(layers))
+
+
+def build(shape, device):
+    """The PEFT LoRA model (r=16, alpha=32, every linear layer) on ``device``, with B non-zero."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    hidden, intermediate, layers, kv = SHAPES[shape]
+    base = LinearStack(hidden, intermediate, layers, kv, device)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = get_peft_model(base, LoraConfig(r=RANK, lora_alpha=2 * RANK, lora_dropout=0.0, target_modules=targets))
+    randomise_b(model)
+    return model
+
+
+@torch.no_grad()
+def randomise_b(model, std=1e-3):
+    """A trained-looking adapter: B non-zero (PEFT starts it at zero; unloads zero it again)."""
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.normal_(0.0, std)
+
+
+class Clock:
+    """Wall time around a synchronised call; peak-memory growth on CUDA."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def measure(self, fn, prepare=None, reps=5, warmup=1):
+        """(median seconds, all seconds, peak growth in bytes or None) of ``fn`` over ``reps`` runs."""
+        for _ in range(warmup):
+            if prepare:
+                prepare()
+            fn()
+        times, growth = [], []
+        for _ in range(reps):
+            if prepare:
+                prepare()
+            self.sync()
+            if self.cuda:
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
+            start = time.perf_counter()
+            fn()
+            self.sync()
+            times.append(time.perf_counter() - start)
+            if self.cuda:
+                growth.append(torch.cuda.max_memory_allocated() - before)
+        return statistics.median(times), times, (max(growth) if growth else None)
+
+
+def copy_bandwidth(clock, device, elements):
+    src = torch.randn(elements, device=device).to(torch.bfloat16)
+    dst = torch.empty_like(src)
+    seconds, _, _ = clock.measure(lambda: dst.copy_(src), reps=20, warmup=3)
+    nbytes = 2 * src.numel() * src.element_size()
+    del src, dst
+    return nbytes / seconds, seconds, nbytes
+
+
+def naive_merge(model):
+    """axolotl's ReLoRA merge: per layer W += B @ A * scaling, then A kaiming, B zero."""
+    with torch.no_grad():
+        for layer in adapted_layers(model):
+            m, a = layer.module, layer.adapter
+            m.base_layer.weight.data += m.lora_B[a].weight @ m.lora_A[a].weight * m.scaling[a]
+            nn.init.kaiming_uniform_(m.lora_A[a].weight, a=math.sqrt(5))
+            nn.init.zeros_(m.lora_B[a].weight)
+
+
+def update_only(layers, mode, residuals, kernel):
+    """The weight updates of one unload alone: addmm_ (direct, kernel=False) or the fused kernel."""
+    from plora import kernels
+
+    work = []
+    for layer in layers:
+        W = layer.weight.data
+        L, R = layer.factors()
+        res = residuals.get(layer.name) if mode == "compensated" else None
+        work.append((W, L, R, layer.scaling, res))
+
+    def run():
+        with torch.no_grad():
+            for W, L, R, alpha, res in work:
+                if kernel:
+                    kernels.fused_update_(W, L, R, alpha, mode, res, seed=1)
+                else:
+                    W.addmm_(L.to(W.dtype), R.to(W.dtype), alpha=alpha)
+
+    return run
+
+
+def bench_model(shape, device, args, clock, copy_bps):
+    model = build(shape, device)
+    layers = adapted_layers(model)
+    elements = sum(layer.weight.numel() for layer in layers)
+    largest = max(layer.weight.numel() * layer.weight.element_size() for layer in layers)
+    prepare = lambda: randomise_b(model)  # noqa: E731
+    fused = device.startswith("cuda") and _fused_available(layers[0].weight)
+    rows, residual_bytes, n_layers = [], 0, len(layers)
+
+    def row(name, mode, seconds, growth, targets=False, reference=None):
+        nbytes = BYTES_PER_ELEMENT[mode] * elements
+        r = {
+            "variant": name,
+            "mode": mode,
+            "ms": seconds * 1e3,
+            "bytes": nbytes,
+            "GBps": nbytes / seconds / 1e9,
+            "copy_share": nbytes / seconds / copy_bps,
+            "peak_growth_bytes": growth,
+            "largest_layer_bytes": largest,
+        }
+        if reference is not None:
+            r["speedup_vs_naive"] = reference / seconds
+        if targets:
+            r["pass"] = {
+                "bandwidth": r["copy_share"] >= TARGET_COPY_SHARE,
+                "speedup": r.get("speedup_vs_naive", 0.0) >= TARGET_SPEEDUP,
+                "memory": None if growth is None else growth <= largest,
+            }
+        rows.append(r)
+        return r
+
+    naive_s, _, naive_growth = clock.measure(lambda: naive_merge(model), prepare, args.reps, args.warmup)
+
+    for mode in MODES:
+        residuals: dict = {}
+        counter = iter(range(10**6))
+
+        def unload(mode=mode, residuals=residuals, counter=counter, sample=args.landed_sample_rows):
+            plora.unload_(model, 1.0, merge_precision=mode, residuals=residuals, layers=layers,
+                          unload_index=next(counter), landed_sample_rows=sample)
+
+        s, _, growth = clock.measure(unload, prepare, args.reps, args.warmup)
+        row(f"plora {mode}", mode, s, growth, targets=True, reference=naive_s)
+        if mode == "compensated":
+            residual_bytes = sum(t.numel() * t.element_size() for t in residuals.values())
+        if args.landed_rows is not None:
+            s, _, growth = clock.measure(
+                lambda: unload(sample=args.landed_rows), prepare, args.reps, args.warmup)
+            row(f"plora {mode}, landed_sample_rows={args.landed_rows}", mode, s, growth, reference=naive_s)
+        if fused and mode != "direct":
+            import plora.kernels as kernels
+
+            real = kernels.fused_available
+            kernels.fused_available = lambda t: False  # the unload's torch fallback path
+            try:
+                s, _, growth = clock.measure(unload, prepare, args.reps, args.warmup)
+            finally:
+                kernels.fused_available = real
+            row(f"plora {mode}, torch path", mode, s, growth, reference=naive_s)
+        if mode == "direct":
+            s, _, growth = clock.measure(update_only(layers, mode, residuals, False), None, args.reps, args.warmup)
+            row("update only direct (addmm_)", mode, s, growth, reference=naive_s)
+        if fused:
+            s, _, growth = clock.measure(update_only(layers, mode, residuals, True), None, args.reps, args.warmup)
+            row(f"update only {mode} (Triton)", mode, s, growth, reference=naive_s)
+        del residuals
+
+    row("naive merge (ReLoRA)", "direct", naive_s, naive_growth, reference=naive_s)
+    del model, layers
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return {
+        "shape": dict(zip(("hidden", "intermediate", "layers", "kv"), SHAPES[shape])),
+        "adapted_layers": n_layers,
+        "weight_elements": elements,
+        "largest_layer_bytes": largest,
+        "compensated_residual_bytes": residual_bytes,
+        "rows": rows,
+    }
+
+
+def _fused_available(weight):
+    try:
+        from plora.kernels import fused_available
+    except Exception:
+        return False
+    return fused_available(weight)
+
+
+def markdown(results) -> str:
+    out = []
+    copy = results["copy"]
+    out.append(f"Device: {results['device']}; copy bandwidth {copy['GBps']:.4g} GB/s "
+               f"({copy['bytes'] / 1e9:.3g} GB read + written in {copy['ms']:.3g} ms).\n")
+    for shape, res in results["models"].items():
+        out.append(f"### {shape}: {res['adapted_layers']} adapted layers, "
+                   f"{res['weight_elements'] / 1e9:.3g} G weight elements, largest weight "
+                   f"{res['largest_layer_bytes'] / 2**20:.3g} MiB; compensated residuals "
+                   f"{res['compensated_residual_bytes'] / 2**30:.3g} GiB (persistent)\n")
+        out.append("| variant | ms | GB/s | % of copy | vs naive | peak growth MiB | targets |")
+        out.append("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
+        for r in res["rows"]:
+            growth = "n/a" if r["peak_growth_bytes"] is None else f"{r['peak_growth_bytes'] / 2**20:.1f}"
+            verdict = ""
+            if "pass" in r:
+                p = r["pass"]
+                verdict = ", ".join(f"{k} {'n/a' if v is None else 'PASS' if v else 'FAIL'}" for k, v in p.items())
+            out.append(f"| {r['variant']} | {r['ms']:.3g} | {r['GBps']:.4g} | {100 * r['copy_share']:.0f}% | "
+                       f"{r.get('speedup_vs_naive', float('nan')):.2f}x | {growth} | {verdict} |")
+        update = {r["mode"]: r["ms"] for r in res["rows"] if r["variant"].startswith("update only")}
+        for r in res["rows"]:
+            if r["variant"] in (f"plora {m}" for m in MODES) and r["mode"] in update:
+                extra = r["ms"] - update[r["mode"]]
+                out.append(f"- {r['variant']}: {extra:.3g} ms beyond its weight updates, "
+                           f"{1e3 * extra / res['adapted_layers']:.3g} us per layer")
+        out.append("")
+    out.append(f"Targets: plora unload >= {TARGET_COPY_SHARE:.0%} of copy bandwidth, >= {TARGET_SPEEDUP:g}x "
+               "faster than the naive merge, peak growth <= the largest single weight.")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--small", action="store_true", help="tiny shapes: a smoke check that runs on a CPU")
+    p.add_argument("--models", nargs="+", default=None, choices=sorted(SHAPES), help="shapes to run")
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions (median reported)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--landed-sample-rows", type=int, default=64, help="plora's default: 64 rows per layer")
+    p.add_argument("--landed-rows", type=int, default=None,
+                   help="also time the unload with this landed_sample_rows (e.g. 8)")
+    p.add_argument("--json", type=Path, default=None, help="write the results here")
+    args = p.parse_args(argv)
+    models = args.models or (["tiny"] if args.small else ["llama-3.2-1b", "llama-2-7b"])
+    device = args.device
+    clock = Clock(device)
+
+    copy_bps, copy_s, copy_bytes = copy_bandwidth(clock, device, (1 << 16) if args.small else (1 << 29))
+    results = {
+        "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "triton": _triton_version(),
+        "command": " ".join(["python", "benchmarks/bench_unload.py"] + list(argv if argv is not None else sys.argv[1:])),
+        "copy": {"GBps": copy_bps / 1e9, "ms": copy_s * 1e3, "bytes": copy_bytes},
+        "rank": RANK,
+        "models": {},
+    }
+    for shape in models:
+        start = time.perf_counter()
+        results["models"][shape] = bench_model(shape, device, args, clock, copy_bps)
+        print(f"[{shape}: {time.perf_counter() - start:.1f} s]", file=sys.stderr)
+    print(markdown(results))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def _triton_version():
+    try:
+        import triton
+
+        return triton.__version__
+    except Exception:
+        return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

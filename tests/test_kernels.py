@@ -1,0 +1,248 @@
+"""The fused Triton unload (plora.kernels) against the torch reference of plora.unload.
+
+On a CUDA machine the checks run on the GPU, in this process. Without CUDA they run in triton's
+CPU interpreter, in a subprocess with TRITON_INTERPRET=1: triton reads that variable when a kernel
+is decorated, so setting it here would change every kernel of the test session. Everything skips
+when triton is not installed.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+_SKIP = 77  # exit code of the subprocess when the interpreter cannot run the kernel at all
+
+# (rows, cols, rank, factor dtype, transposed factors): odd shapes exercise the masks, rank 40 the
+# loop over rank blocks, bf16 factors the half-precision dot, transposed ones arbitrary strides.
+CASES = [
+    (100, 200, 5, torch.float32, False),
+    (64, 128, 16, torch.float32, True),
+    (33, 70, 40, torch.float32, False),
+    (48, 96, 8, torch.bfloat16, False),
+]
+
+
+def _inputs(m, n, r, fdtype, transposed, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(m, n, generator=g).bfloat16()
+    if transposed:  # the layout PEFT gives fan_in_fan_out layers: L = A.T, R = B.T
+        L = torch.randn(r, m, generator=g).T
+        R = torch.randn(n, r, generator=g).T
+    else:
+        L = torch.randn(m, r, generator=g)
+        R = torch.randn(r, n, generator=g)
+    L, R = (L * 0.05).to(fdtype), (R * 0.05).to(fdtype)
+    return W.to(device), L.to(device), R.to(device)
+
+
+def _reference(W, L, R, alpha, mode, residual=None):
+    """plora.unload's own torch path on copies of the inputs."""
+    from plora.unload import _update_rows
+
+    W, residual = W.clone(), None if residual is None else residual.clone()
+    Lf, Rf = L.float(), R.float()
+    _update_rows(W, residual, lambda sel: (Lf[sel] @ Rf).mul_(alpha), slice(None), mode, None)
+    return W, residual
+
+
+def _ulp(x: torch.Tensor) -> torch.Tensor:
+    """Spacing of bf16 numbers at |x| (normal range)."""
+    exp = torch.floor(torch.log2(x.abs().clamp_min(2.0**-120)))
+    return torch.exp2(exp - 7)
+
+
+def _d_tolerance(L, R, alpha):
+    """Bound on |kernel d - fp32 d| per element: the GPU's tf32 dot keeps 10 of 23 mantissa bits."""
+    return (L.float().abs() @ R.float().abs()) * abs(alpha) * 2.0**-8
+
+
+def _decided(target: torch.Tensor, tol: torch.Tensor) -> torch.Tensor:
+    """Elements whose nearest bf16 cannot change when the target moves by up to ``tol``."""
+    ref = target.bfloat16()
+    bits = ref.view(torch.int16)
+    away = (bits + 1).view(torch.bfloat16).float()  # the bf16 neighbours of ref (sign-magnitude)
+    toward = (bits - 1).view(torch.bfloat16).float()
+    r = ref.float()
+    m1, m2 = (r + away) / 2, (r + toward) / 2  # the rounding boundaries around ref
+    low, high = torch.minimum(m1, m2), torch.maximum(m1, m2)
+    return (r != 0) & (target - low > tol) & (high - target > tol)
+
+
+def check_direct(device):
+    from plora.kernels import fused_update_
+
+    for m, n, r, fdtype, tr in CASES:
+        W, L, R = _inputs(m, n, r, fdtype, tr, device)
+        ref, _ = _reference(W, L, R, 0.7, "direct")
+        out = fused_update_(W.clone(), L, R, 0.7, "direct")
+        target = W.float() + (L.float() @ R.float()) * 0.7
+        tol = _d_tolerance(L, R, 0.7)
+        # the same rounding (RTNE) as the torch path wherever the tf32 error of the kernel's d
+        # cannot carry the sum across a rounding boundary; within one unit everywhere
+        decided = _decided(target, tol)
+        assert decided.float().mean().item() > 0.5
+        assert torch.equal(out[decided], ref[decided]), (m, n, r)
+        assert ((out.float() - target).abs() <= _ulp(target) + tol).all()
+
+
+def check_compensated(device):
+    from plora.kernels import fused_update_
+
+    for m, n, r, fdtype, tr in CASES:
+        W, L, R = _inputs(m, n, r, fdtype, tr, device)
+        res0 = (torch.randn(m, n, generator=torch.Generator().manual_seed(1)) * 1e-3).bfloat16().to(device)
+        ref_w, ref_r = _reference(W, L, R, 0.7, "compensated", res0)
+        out_w, out_r = W.clone(), res0.clone()
+        fused_update_(out_w, L, R, 0.7, "compensated", out_r)
+        d = (L.float() @ R.float()) * 0.7
+        target = W.float() + d + res0.float()
+        tol = _d_tolerance(L, R, 0.7)
+        decided = _decided(target, tol)
+        assert torch.equal(out_w[decided], ref_w[decided]), (m, n, r)
+        state = out_w.float() + out_r.float()
+        # W + residual holds the target up to the residual's own bf16 rounding, the fp32 rounding
+        # of the sum's terms (which dominates where they cancel) and the tf32 error of d
+        fp32_terms = (W.float().abs() + d.abs() + res0.float().abs()) * 2.0**-21
+        assert ((state - target).abs() <= _ulp(target) * 2.0**-8 + fp32_terms + tol).all()
+        # without a residual buffer: plain rounding, as in the torch path
+        out = fused_update_(W.clone(), L, R, 0.7, "compensated", None)
+        ref, _ = _reference(W, L, R, 0.7, "compensated", None)
+        decided = _decided(W.float() + d, tol)
+        assert torch.equal(out[decided], ref[decided])
+
+    # many updates each far below half a unit in the last place: compensated keeps them all
+    # (2^-13 is exact in tf32, so the kernel's d equals the torch path's bit for bit)
+    m, n = 32, 64
+    W = torch.ones(m, n, dtype=torch.bfloat16, device=device)
+    L = torch.full((m, 1), 2.0**-13, device=device)
+    R = torch.ones(1, n, device=device)
+    res = torch.zeros_like(W)
+    lost, ref_w, ref_r = W.clone(), W.clone(), res.clone()
+    for _ in range(50):
+        fused_update_(W, L, R, 1.0, "compensated", res)
+        fused_update_(lost, L, R, 1.0, "direct")
+        ref_w, ref_r = _reference(ref_w, L, R, 1.0, "compensated", ref_r)
+    assert torch.equal(lost, torch.ones_like(lost))  # direct drops every one of them
+    assert torch.equal(W, ref_w) and torch.equal(res, ref_r)  # bit for bit the torch path
+    total = (W.float() + res.float()).mean().item()
+    assert abs(total - (1 + 50 * 2.0**-13)) < 5e-4, total  # within the bf16 residual's own rounding, step after step
+
+
+def check_stochastic(device):
+    from plora.kernels import fused_update_
+
+    for m, n, r, fdtype, tr in CASES:
+        W, L, R = _inputs(m, n, r, fdtype, tr, device)
+        target = W.float() + (L.float() @ R.float()) * 0.7
+        out = fused_update_(W.clone(), L, R, 0.7, "stochastic", seed=123)
+        # one of the two bf16 neighbours of the target (give or take the tf32 error of d)
+        lo = target.bfloat16().float()
+        assert ((out.float() - target).abs() < _ulp(lo) * 1.001 + _d_tolerance(L, R, 0.7)).all(), (m, n, r)
+        # unbiased: on average the rounding error is zero (its spread is ~0.3 ulp per element)
+        assert abs(((out.float() - target) / _ulp(lo)).mean().item()) < 0.03, (m, n, r)
+        assert torch.equal(out, fused_update_(W.clone(), L, R, 0.7, "stochastic", seed=123))
+        assert not torch.equal(out, fused_update_(W.clone(), L, R, 0.7, "stochastic", seed=124))
+
+    # unbiased: 0.3 of a unit above 1.0 rounds up 30% of the time, as the torch reference does
+    m, n = 64, 128
+    W = torch.ones(m, n, dtype=torch.bfloat16, device=device)
+    L = torch.full((m, 1), 0.3 * 2.0**-7, device=device)
+    R = torch.ones(1, n, device=device)
+    up = (fused_update_(W.clone(), L, R, 1.0, "stochastic", seed=(1 << 62) + 5).float() > 1.0).float().mean()
+    ref, _ = _reference(W, L, R, 1.0, "stochastic")
+    ref_up = (ref.float() > 1.0).float().mean()
+    assert abs(up.item() - 0.3) < 0.03, up
+    assert abs(ref_up.item() - 0.3) < 0.03, ref_up
+
+
+CHECKS = [check_direct, check_compensated, check_stochastic]
+
+
+# --- on a GPU: in process -------------------------------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@cuda
+@pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__)
+def test_kernel_on_cuda(check):
+    check("cuda")
+
+
+@cuda
+@pytest.mark.parametrize("mode", ["compensated", "stochastic"])
+def test_unload_dispatches_to_kernel_on_cuda(mode, monkeypatch):
+    """unload_ on a bf16 CUDA model goes through the kernel, deterministically, keeping the update."""
+    from peft import LoraConfig, get_peft_model
+    from torch import nn
+
+    import plora
+    from plora import kernels
+
+    calls = []
+    real = kernels.fused_update_
+    monkeypatch.setattr(kernels, "fused_update_", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def build():
+        torch.manual_seed(0)
+        base = nn.Sequential(nn.Linear(64, 96), nn.Linear(96, 32)).to("cuda", torch.bfloat16)
+        model = get_peft_model(base, LoraConfig(r=4, target_modules=["0", "1"]))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.05)
+        return model
+
+    weights = []
+    for _ in range(2):
+        model = build()
+        stats = plora.unload_(model, merge_precision=mode, seed=3, residuals={}, landed_sample_rows=0)
+        assert stats.landed_share == pytest.approx(1.0, abs=0.05 if mode == "stochastic" else 1e-3)
+        weights.append([p.detach().clone() for n, p in model.named_parameters() if "base_layer.weight" in n])
+    assert len(calls) == 4
+    assert all(torch.equal(a, b) for a, b in zip(*weights))  # same seed, same result
+
+
+# --- without a GPU: triton's interpreter, in a subprocess -----------------------------------
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: the kernel is tested on the GPU")
+def test_kernel_in_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    root = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve())], env=env, capture_output=True, text=True, timeout=300
+    )
+    if proc.returncode == _SKIP:
+        pytest.skip(f"triton's interpreter cannot run the kernel here: {proc.stdout.strip()[-500:]}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def _main() -> int:
+    """Run every check on CPU tensors in triton's interpreter (TRITON_INTERPRET=1 must be set)."""
+    try:
+        from plora.kernels import fused_update_
+
+        fused_update_(torch.zeros(16, 16, dtype=torch.bfloat16), torch.zeros(16, 1), torch.zeros(1, 16), 1.0, "direct")
+    except Exception as exc:  # no interpreter, or one too old for what the kernel uses
+        print(f"{type(exc).__name__}: {exc}")
+        return _SKIP
+    for check in CHECKS:
+        check("cpu")
+        print(f"{check.__name__}: ok")
+    return 0
+
+
+if __name__ == "__main__":
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        sys.exit("set TRITON_INTERPRET=1 to run the kernel checks on the CPU")
+    sys.exit(_main())
