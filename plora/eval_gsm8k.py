@@ -118,26 +118,25 @@ def generate_greedy(
     wrote any BOS); True for plain text, so a tokenizer that adds a BOS does so.
     """
     import torch
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig, StoppingCriteriaList, StopStringCriteria
 
     if max_new_tokens < 1:
         raise UserError(f"max_new_tokens must be >= 1, not {max_new_tokens}")
     encoded = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
     stops = stop_token_ids(tokenizer, model)
     pad = pad_id_of(tokenizer)
-    gen_cfg = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops, pad_token_id=pad,
-        stop_strings=list(stop_strings) or None,
-    )  # fmt: skip
+    gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops, pad_token_id=pad)
+    # Built once: preparing a stop-string criterion scans the whole vocabulary.
+    criteria = StoppingCriteriaList([StopStringCriteria(tokenizer, list(stop_strings))] if stop_strings else [])
     device = model_device(model)
     out: list[str | None] = [None] * len(prompts)
     with torch.inference_mode():
         for batch in length_sorted_batches([len(e) for e in encoded], batch_size):
             ids, mask = pad_batch([encoded[i] for i in batch], pad, side="left")
-            extra = {"tokenizer": tokenizer} if stop_strings else {}
             gen = model.generate(
-                input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg, **extra
-            )
+                input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg,
+                stopping_criteria=criteria,
+            )  # fmt: skip
             for row, i in enumerate(batch):
                 new = gen[row, ids.shape[1] :].tolist()
                 cut = next((k for k, t in enumerate(new) if t in stops), len(new))

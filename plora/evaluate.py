@@ -124,23 +124,23 @@ def register(subparsers) -> None:
         "and/or the held-out loss of an instruction file. See docs/evaluation.md.",
     )
     p.add_argument("--model", default=None, help="model directory, .gguf file or hub id (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--tasks", default=None,
+    p.add_argument("--tasks", default=None, metavar="LIST",
                    help="comma-separated subset of gsm8k,mmlu,loss (default: every task whose data is given)")
     p.add_argument("--gsm8k", metavar="FILE", help="GSM8K-style JSONL of {question, answer} (e.g. gsm8k/test.jsonl)")
     p.add_argument("--gsm8k-train", metavar="FILE",
                    help="few-shot source for --shots > 0 (default: train.jsonl beside --gsm8k)")
     p.add_argument("--mmlu", metavar="DIR", help="MMLU folder holding dev/ and test/ CSVs")
-    p.add_argument("--mmlu-subjects", default=None, help="comma-separated MMLU subjects (default: all)")
+    p.add_argument("--mmlu-subjects", default=None, metavar="LIST", help="comma-separated MMLU subjects (default: all)")
     p.add_argument("--loss-data", metavar="FILE", help="instruction JSON/JSONL for the held-out loss")
-    p.add_argument("--shots", type=int, default=0, help="GSM8K worked examples before each question (default 0)")
-    p.add_argument("--mmlu-shots", type=int, default=5, help="MMLU dev examples per prompt (default 5)")
+    p.add_argument("--shots", type=int, default=0, metavar="K", help="GSM8K worked examples before each question (default 0)")
+    p.add_argument("--mmlu-shots", type=int, default=5, metavar="K", help="MMLU dev examples per prompt (default 5)")
     p.add_argument("--prompt-style", choices=PROMPT_STYLES, default="chat",
                    help="GSM8K prompt: chat template (default) or lm-eval's plain 'Question: ..\\nAnswer:'")
-    p.add_argument("--limit", type=int, default=None,
+    p.add_argument("--limit", type=int, default=None, metavar="N",
                    help="first N GSM8K / loss records; a stratified subset of N MMLU questions")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per forward/generate call (default 16)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="GSM8K generation budget (default 256)")
-    p.add_argument("--max-length", type=int, default=1024, help="held-out loss: tokens kept per record (default 1024)")
+    p.add_argument("--batch-size", type=int, default=16, metavar="N", help="prompts per forward/generate call (default 16)")
+    p.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="GSM8K generation budget (default 256)")
+    p.add_argument("--max-length", type=int, default=1024, metavar="N", help="held-out loss: tokens kept per record (default 1024)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--out", metavar="DIR", help="write results.json, results.md and predictions here")

@@ -134,6 +134,29 @@ def test_generation_does_not_depend_on_batching(tiny):
     assert one == three
 
 
+class _ScriptedGenerator(torch.nn.Module):
+    """A 'model' whose generate() appends the same tokens to every row: text, eos, more text."""
+
+    def __init__(self, tok, text: str):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        ids = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+        self.continuation = ids(text) + [tok.eos_token_id] + ids(" after eos 99")
+        self.generation_config = None
+
+    def generate(self, input_ids, attention_mask, generation_config, stopping_criteria):
+        cont = torch.tensor(self.continuation).expand(input_ids.shape[0], -1)
+        return torch.cat([input_ids, cont], dim=1)
+
+
+def test_completions_end_at_stop_token_and_stop_string(tiny_tokenizer):
+    model = _ScriptedGenerator(tiny_tokenizer, "It is 5.\nQuestion: and 7")
+    prompts = ["short", "a much longer prompt than the other"]  # different left padding per row
+    assert generate_greedy(model, tiny_tokenizer, prompts, batch_size=2) == ["It is 5.\nQuestion: and 7"] * 2
+    plain = generate_greedy(model, tiny_tokenizer, prompts, batch_size=2, stop_strings=("Question:",))
+    assert plain == ["It is 5.\n"] * 2
+
+
 def test_greedy_generation_matches_reference_model(tiny):
     """Left padding must not change what a row generates (vs an unpadded transformers generate)."""
     model, tok = tiny
