@@ -224,7 +224,7 @@ def bench_model(shape, device, args, clock, copy_bps):
             s, _, growth = clock.measure(
                 lambda: unload(sample=args.landed_rows), prepare, args.reps, args.warmup)
             row(f"plora {mode}, landed_sample_rows={args.landed_rows}", mode, s, growth, reference=naive_s)
-        if fused and mode != "direct":
+        if fused:
             import plora.kernels as kernels
 
             real = kernels.fused_available

@@ -71,12 +71,13 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["key_lo", "key_hi"])
     def unload_tile(
-        W, RES, L, R,
+        W, RES, L, R, STATS,
         M, N, K,
         stride_wm, stride_lm, stride_lk, stride_rk, stride_rn,
         alpha, key_lo, key_hi,  # two 31-bit parts of the stochastic-rounding seed (62 bits used)
         MODE: tl.constexpr,  # 0 direct, 1 compensated, 2 stochastic
         HAS_RES: tl.constexpr,
+        HAS_STATS: tl.constexpr,  # accumulate [sum(landed * d), sum(d * d)] into STATS (fp32 atomics)
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
@@ -100,13 +101,18 @@ if triton is not None:
 
         mask = row_ok[:, None] & col_ok[None, :]
         offs = rows[:, None] * stride_wm + cols[None, :]
-        t = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32) + d
+        w_old = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
+        t = w_old + d
+        res_delta = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if MODE == 1:
             if HAS_RES:
                 res_ptrs = RES + rows[:, None] * N + cols[None, :]
-                t = t + tl.load(res_ptrs, mask=mask, other=0.0).to(tl.float32)
+                r_old = tl.load(res_ptrs, mask=mask, other=0.0).to(tl.float32)
+                t = t + r_old
                 new = to_bf16_rtne(t)
-                tl.store(res_ptrs, to_bf16_rtne(t - new.to(tl.float32)), mask=mask)
+                r_new = to_bf16_rtne(t - new.to(tl.float32))
+                tl.store(res_ptrs, r_new, mask=mask)
+                res_delta = r_new.to(tl.float32) - r_old
             else:
                 new = to_bf16_rtne(t)
         elif MODE == 2:
@@ -118,6 +124,12 @@ if triton is not None:
         else:
             new = to_bf16_rtne(t)
         tl.store(W + offs, new, mask=mask)
+        if HAS_STATS:
+            # what arrived in the weight state (W, plus the residual where one is kept), against d
+            landed = new.to(tl.float32) - w_old + res_delta
+            dm = tl.where(mask, d, 0.0)
+            tl.atomic_add(STATS, tl.sum(tl.sum(tl.where(mask, landed, 0.0) * dm, axis=1), axis=0))
+            tl.atomic_add(STATS + 1, tl.sum(tl.sum(dm * dm, axis=1), axis=0))
 
 
 def triton_available() -> bool:
@@ -153,6 +165,7 @@ def fused_update_(
     mode: str,
     residual2d: torch.Tensor | None = None,
     seed: int = 0,
+    stats: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """In place: ``W2d <- round(W2d + alpha * L @ R)`` under ``mode``; returns ``W2d``.
 
@@ -160,6 +173,8 @@ def fused_update_(
     strides, fp32 or bf16/fp16. ``residual2d`` (bf16, contiguous, same shape) is read and updated by
     ``compensated`` (without it, what rounding drops is dropped, as in the torch path).
     ``seed`` picks the random stream of ``stochastic``: the same seed gives the same result.
+    ``stats`` (fp32, 2 elements, on W's device) gets ``[sum(landed * d), sum(d * d)]`` added over
+    every element: the exact landed share and update norm, with no extra pass.
     """
     seed = int(seed)
     if triton is None:
@@ -179,14 +194,17 @@ def fused_update_(
     if L.dtype not in half or R.dtype not in half:
         L, R = L.float(), R.float()  # no copy when already fp32
     K = L.shape[1]
+    has_stats = stats is not None
+    if has_stats and (stats.dtype != torch.float32 or stats.numel() < 2 or stats.device != W2d.device):
+        raise ValueError("stats must be a float32 tensor of 2 elements on W's device")
     block_m, block_n = _block_sizes(N)
     grid = (_cdiv(M, block_m), _cdiv(N, block_n))
     unload_tile[grid](
-        W2d, residual2d if has_res else W2d, L, R,
+        W2d, residual2d if has_res else W2d, L, R, stats if has_stats else W2d,
         M, N, K,
         W2d.stride(0), L.stride(0), L.stride(1), R.stride(0), R.stride(1),
         float(alpha), seed & 0x7FFFFFFF, (seed >> 32) & 0x7FFFFFFF,
-        MODE=_MODE_ID[mode], HAS_RES=has_res,
+        MODE=_MODE_ID[mode], HAS_RES=has_res, HAS_STATS=has_stats,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=16 if K <= 16 else 32,
         num_warps=4,
     )

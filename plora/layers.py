@@ -140,11 +140,16 @@ def _peft_init_setting(model: nn.Module, adapter: str) -> str:
     return "kaiming"
 
 
-def reinit_generator(seed: int, name: str, unload_index: int, device: torch.device) -> torch.Generator:
-    """A generator seeded by (seed, layer, unload count): identical on every rank and on resume."""
+def reinit_seed(seed: int, name: str, unload_index: int) -> int:
+    """A 63-bit seed from (seed, layer, unload count): identical on every rank and on resume."""
     digest = hashlib.sha256(f"{seed}/{name}/{unload_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def reinit_generator(seed: int, name: str, unload_index: int, device: torch.device) -> torch.Generator:
+    """A generator seeded by ``reinit_seed``."""
     g = torch.Generator(device=device)
-    g.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    g.manual_seed(reinit_seed(seed, name, unload_index))
     return g
 
 

@@ -19,8 +19,10 @@ How the update enters low-precision weights is the ``merge_precision``:
 - ``stochastic``: stochastic rounding to bf16: unbiased, no memory, but noisy per element.
 
 Each unload returns ``UnloadStats``; its ``landed_share`` is the measured share of the merged
-update that arrived in the model's weight state (W, plus the residual buffer where one is kept),
-estimated on ``landed_sample_rows`` evenly spaced rows per layer (exact with 0 = all rows).
+update that arrived in the model's weight state (W, plus the residual buffer where one is kept):
+on CUDA with bf16 weights, the fused Triton kernel (``plora.kernels``) updates each weight in one
+pass and measures it over every element; elsewhere it is estimated on ``landed_sample_rows``
+evenly spaced rows per layer (exact with 0 = all rows).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from plora.layers import AdaptedLayer, adapted_layers, reinit_generator
+from plora.layers import AdaptedLayer, adapted_layers, reinit_generator, reinit_seed
 
 # Row chunks of the elementwise paths hold at most this many elements per temporary,
 # so no path allocates more than a few tens of MiB beyond the weights themselves.
@@ -83,19 +85,42 @@ def resolve_precision(mode: str, dtype: torch.dtype) -> str:
 
 
 def check_finite(layers: list[AdaptedLayer]) -> list[str]:
-    """Names of layers whose adapter holds NaN or Inf (one device sync for all layers)."""
+    """Names of layers whose adapter holds NaN or Inf.
+
+    One multi-tensor norm per device and one host sync for all layers: a NaN or Inf anywhere in
+    a tensor makes its norm non-finite.
+    """
     if not layers:
         return []
-    flags = torch.stack(
-        [torch.stack([torch.isfinite(t).all() for t in layer.adapter_tensors()]).all() for layer in layers]
-    ).cpu()
-    return [layer.name for layer, ok in zip(layers, flags.tolist()) if not ok]
+    tensors = [t for layer in layers for t in layer.adapter_tensors()]
+    owner = [i for i, layer in enumerate(layers) for _ in layer.adapter_tensors()]
+    by_device: dict = {}
+    for j, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(j)
+    finite = [True] * len(tensors)
+    for idx in by_device.values():
+        group = [tensors[j].detach() for j in idx]
+        norms = torch._foreach_norm(group) if hasattr(torch, "_foreach_norm") else [t.norm() for t in group]
+        for j, ok in zip(idx, torch.isfinite(torch.stack([n.float() for n in norms])).tolist()):
+            finite[j] = ok
+    bad = sorted({owner[j] for j, ok in enumerate(finite) if not ok})
+    return [layers[i].name for i in bad]
+
+
+_ROWS_CACHE: dict = {}
 
 
 def _sample_rows(n_rows: int, k: int, device) -> torch.Tensor:
-    if k <= 0 or k >= n_rows:
-        return torch.arange(n_rows, device=device)
-    return torch.linspace(0, n_rows - 1, k, device=device).round().long().unique()
+    """Evenly spaced row indices, computed on the host once per shape (no device sync)."""
+    key = (n_rows, k, str(device))
+    rows = _ROWS_CACHE.get(key)
+    if rows is None:
+        if k <= 0 or k >= n_rows:
+            idx = list(range(n_rows))
+        else:
+            idx = sorted({round(i * (n_rows - 1) / (k - 1)) for i in range(k)})
+        rows = _ROWS_CACHE[key] = torch.tensor(idx, dtype=torch.long, device=device)
+    return rows
 
 
 def _update_rows(W2d, r2d, d_rows_fn, rows: slice, mode: str, generator) -> None:
@@ -120,8 +145,31 @@ def _update_rows(W2d, r2d, d_rows_fn, rows: slice, mode: str, generator) -> None
         w.copy_(w.float().add_(d))
 
 
+def _fused_ok(layer: AdaptedLayer) -> bool:
+    """Whether the layer's update can go through the fused Triton kernel (bf16 CUDA weight)."""
+    W = layer.weight
+    if layer.kind == "conv" or not W.is_cuda or W.dtype != torch.bfloat16:
+        return False
+    from plora import kernels  # imports triton: only for CUDA weights, so CPU installs never need it
+
+    return kernels.fused_available(W.data.view(W.shape[0], -1))
+
+
+def _unload_layer_fused(layer: AdaptedLayer, momentum: float, mode: str, residual, seed: int, stats) -> None:
+    """One Triton pass: update W (and the residual) and add [landed.d, d.d] over all elements to ``stats``."""
+    from plora import kernels
+
+    W = layer.weight.data
+    L, R = layer.factors()
+    r2d = residual.view(W.shape[0], -1) if residual is not None else None
+    kernels.fused_update_(W.view(W.shape[0], -1), L.detach(), R.detach(), momentum * layer.scaling, mode, r2d,
+                          seed=seed, stats=stats)
+
+
 def _unload_layer(layer: AdaptedLayer, momentum: float, mode: str, residual, sample_rows: int, generator):
-    """Merge ``momentum`` of one layer's update into its base weight. Returns (norm², dot, den)."""
+    """Merge ``momentum`` of one layer's update into its base weight (torch path).
+
+    Returns a device tensor (norm², landed·expected, expected²) over the sampled rows."""
     W = layer.weight.data
     W2d = W.view(W.shape[0], -1)
     r2d = residual.view(W.shape[0], -1) if residual is not None else None
@@ -151,18 +199,9 @@ def _unload_layer(layer: AdaptedLayer, momentum: float, mode: str, residual, sam
 
     expected = d_rows_fn(rows)
     before = state_rows()
-    use_fused = False
-    if mode != "direct" and layer.kind != "conv" and W.is_cuda:
-        from plora import kernels  # imports triton: only on CUDA, so CPU installs never need it
-
-        use_fused = kernels.fused_available(W2d)
     if mode == "direct" and layer.kind != "conv":
         # One in-place GEMM: reads and writes W once, no temporary of W's size.
         W2d.addmm_(L.to(W.dtype), R.to(W.dtype), alpha=alpha)
-    elif use_fused:
-        # One fused Triton pass over W (and the residual) instead of the chunked fp32 loop below;
-        # the stochastic stream is seeded from this layer's (seed, layer, unload index) generator.
-        kernels.fused_update_(W2d, L, R, alpha, mode, r2d, seed=kernels.seed_from_generator(generator))
     else:
         chunk = max(1, _CHUNK_ELEMENTS // max(1, W2d.shape[1]))
         for start in range(0, W2d.shape[0], chunk):
@@ -212,7 +251,8 @@ def unload_(
     if bad:
         warnings.warn(f"plora: skipped {len(bad)} layer(s) whose adapter holds NaN/Inf: {bad[:3]}", stacklevel=2)
     bad_set = set(bad)
-    sums = None  # (norm², landed·expected, expected²), accumulated on the device
+    sums = None  # torch path: (norm², landed·expected, expected²), accumulated on the device
+    fused_stats: dict = {}  # fused path, per device: [landed·d, d·d] over every element
     modes: dict[str, int] = {}
     for layer in layers:
         if layer.name in bad_set:
@@ -224,14 +264,24 @@ def unload_(
             residual = residuals.get(layer.name)
             if residual is None:
                 residual = residuals[layer.name] = torch.zeros_like(layer.weight, dtype=torch.bfloat16)
-        gen = reinit_generator(seed, layer.name, unload_index, layer.weight.device)
-        part = _unload_layer(layer, float(momentum), mode, residual, landed_sample_rows, gen)
-        sums = part if sums is None else sums + part.to(sums.device)
+        if _fused_ok(layer):
+            dev = layer.weight.device
+            if dev not in fused_stats:
+                fused_stats[dev] = torch.zeros(2, dtype=torch.float32, device=dev)
+            _unload_layer_fused(layer, float(momentum), mode, residual, reinit_seed(seed, layer.name, unload_index),
+                                fused_stats[dev])
+        else:
+            gen = reinit_generator(seed, layer.name, unload_index, layer.weight.device)
+            part = _unload_layer(layer, float(momentum), mode, residual, landed_sample_rows, gen)
+            sums = part if sums is None else sums + part.to(sums.device)
         _merge_bias(layer, float(momentum))
         if momentum >= 1.0:
             layer.reinit_(reinit_generator(seed + 1, layer.name, unload_index, _adapter_device(layer)))
         else:
             layer.scale_b_(1.0 - momentum)
+    for stats in fused_stats.values():  # exact over all elements: norm² = sum(d²)
+        extra = torch.stack([stats[1].double(), stats[0].double(), stats[1].double()])
+        sums = extra if sums is None else sums + extra.to(sums.device)
     norm2, dot, den = sums.tolist() if sums is not None else (0.0, 0.0, 0.0)
     return UnloadStats(
         unload_index=unload_index,

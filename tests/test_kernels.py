@@ -163,7 +163,24 @@ def check_stochastic(device):
     assert abs(ref_up.item() - 0.3) < 0.03, ref_up
 
 
-CHECKS = [check_direct, check_compensated, check_stochastic]
+def check_stats(device):
+    """The in-kernel statistics: sum(landed * d) and sum(d * d) over every element."""
+    from plora.kernels import fused_update_
+
+    for mode in ("direct", "compensated", "stochastic"):
+        for m, n, r, fdtype, tr in CASES:
+            W, L, R = _inputs(m, n, r, fdtype, tr, device)
+            res = torch.zeros_like(W) if mode == "compensated" else None
+            stats = torch.zeros(2, dtype=torch.float32, device=device)
+            W0 = W.clone()
+            fused_update_(W, L, R, 0.7, mode, res, seed=5, stats=stats)
+            d = (L.float() @ R.float()) * 0.7
+            landed = W.float() - W0.float() + (res.float() if res is not None else 0)
+            want = torch.stack([(landed * d).sum(), (d * d).sum()])
+            assert torch.allclose(stats, want, rtol=2e-3, atol=1e-6), (mode, m, n, stats, want)
+
+
+CHECKS = [check_direct, check_compensated, check_stochastic, check_stats]
 
 
 # --- on a GPU: in process -------------------------------------------------------------------
