@@ -78,6 +78,8 @@ class PLoRACallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is not None and self._pending and "loss" in logs:
             logs.update(self._pending)
+            if state.log_history and state.log_history[-1].get("step") == state.global_step:
+                state.log_history[-1].update(self._pending)  # the Trainer copied logs before on_log
             self._pending = {}
         if logs is not None and self.unloader is not None:
             logs.setdefault("plora/unloads", float(self.unloader.num_unloads))
