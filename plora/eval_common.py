@@ -28,6 +28,19 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> Iterator[l
         yield order[start : start + batch_size]
 
 
+def progress(batches, *, total_rows: int, desc: str, enabled: bool):
+    """Wrap an iterator of index batches in a tqdm bar counting rows (a no-op when disabled)."""
+    if not enabled:
+        yield from batches
+        return
+    from tqdm.auto import tqdm
+
+    with tqdm(total=total_rows, desc=desc, unit="q", dynamic_ncols=True) as bar:
+        for batch in batches:
+            yield batch
+            bar.update(len(batch))
+
+
 def pad_batch(rows: list[list[int]], pad_id: int, side: str):
     """``(input_ids, attention_mask)`` long tensors, padded on ``side`` ("left" or "right")."""
     import torch

@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 import time
 
-from plora.eval_common import length_sorted_batches, model_device, pad_batch, pad_id_of, stop_token_ids
+from plora.eval_common import length_sorted_batches, model_device, pad_batch, pad_id_of, progress, stop_token_ids
 from plora.errors import UserError
 
 PROMPT_STYLES = ("chat", "plain")
@@ -110,6 +110,7 @@ def generate_greedy(
     batch_size: int = 16,
     stop_strings: tuple[str, ...] = (),
     add_special_tokens: bool = False,
+    show_progress: bool = False,
 ) -> list[str]:
     """Greedy completions of ``prompts``, batched by length with left padding.
 
@@ -131,7 +132,8 @@ def generate_greedy(
     device = model_device(model)
     out: list[str | None] = [None] * len(prompts)
     with torch.inference_mode():
-        for batch in length_sorted_batches([len(e) for e in encoded], batch_size):
+        batches = length_sorted_batches([len(e) for e in encoded], batch_size)
+        for batch in progress(batches, total_rows=len(prompts), desc="gsm8k", enabled=show_progress):
             ids, mask = pad_batch([encoded[i] for i in batch], pad, side="left")
             gen = model.generate(
                 input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg,
@@ -157,11 +159,12 @@ def gsm8k_accuracy(
     prompt_style: str = "chat",
     max_new_tokens: int = 256,
     batch_size: int = 16,
+    show_progress: bool = False,
 ) -> dict:
     """Greedy-decoding accuracy on GSM8K-style ``{"question", "answer"}`` records.
 
     ``shots`` worked examples are the first ``shots`` of ``fewshot_records`` (the train split),
-    the same for every question. Returns ``{"accuracy", "n", "correct", "shots", "prompt_style",
+    the same for every question; ``show_progress`` draws a progress bar. Returns ``{"accuracy", "n", "correct", "shots", "prompt_style",
     "max_new_tokens", "seconds", "predictions"}``; each prediction holds the index, question,
     gold and predicted number, correctness and the completion.
     """
@@ -187,7 +190,7 @@ def gsm8k_accuracy(
         completions = generate_greedy(
             model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
             stop_strings=PLAIN_STOP_STRINGS if prompt_style == "plain" else (),
-            add_special_tokens=prompt_style == "plain",
+            add_special_tokens=prompt_style == "plain", show_progress=show_progress,
         )  # fmt: skip
     finally:
         model.train(was_training)

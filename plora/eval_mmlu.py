@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from plora.eval_common import length_sorted_batches, model_device, pad_batch, pad_id_of
+from plora.eval_common import length_sorted_batches, model_device, pad_batch, pad_id_of, progress
 from plora.errors import UserError
 
 LETTERS = ("A", "B", "C", "D")
@@ -171,7 +171,9 @@ def _forward_logits(model, ids, mask, last_only: bool):
     return model(**kwargs).logits[:, -1]
 
 
-def score_letters(model, tokenizer, prompts: list[str], *, batch_size: int = 8) -> list[list[float]]:
+def score_letters(
+    model, tokenizer, prompts: list[str], *, batch_size: int = 8, show_progress: bool = False
+) -> list[list[float]]:
     """Log-likelihood of `` A``, `` B``, `` C``, `` D`` after each prompt (4 floats per prompt)."""
     import torch
 
@@ -188,7 +190,8 @@ def score_letters(model, tokenizer, prompts: list[str], *, batch_size: int = 8) 
     slow = [i for i, s in enumerate(single) if not s]
     with torch.inference_mode():
         # One forward per prompt; read the 4 letters at the last prompt position (left padding).
-        for batch in length_sorted_batches([len(encoded[i]) for i in fast], batch_size):
+        batches = length_sorted_batches([len(encoded[i]) for i in fast], batch_size)
+        for batch in progress(batches, total_rows=len(fast), desc="mmlu", enabled=show_progress):
             rows = [fast[b] for b in batch]
             ids, mask = pad_batch([encoded[i] for i in rows], pad, side="left")
             logits = _forward_logits(model, ids.to(device), mask.to(device), last_only=True)
@@ -221,6 +224,7 @@ def mmlu_accuracy(
     subjects: list[str] | None = None,
     limit: int | None = None,
     batch_size: int = 8,
+    show_progress: bool = False,
 ) -> dict:
     """k-shot MMLU accuracy: per subject, micro average (over questions) and macro (over subjects).
 
@@ -228,6 +232,7 @@ def mmlu_accuracy(
     ``stratified_indices``); the result then says ``"subset": True`` and ``"name"`` names it.
     Returns ``{"name", "accuracy" (micro), "micro", "macro", "n", "total_available", "subset",
     "shots", "per_subject": {subject: {"accuracy", "n"}}, "seconds", "predictions"}``.
+    ``show_progress`` draws a progress bar.
     """
     if shots < 0:
         raise UserError(f"shots must be >= 0, not {shots}")
@@ -248,7 +253,7 @@ def mmlu_accuracy(
     was_training = model.training
     model.eval()
     try:
-        scores = score_letters(model, tokenizer, prompts, batch_size=batch_size)
+        scores = score_letters(model, tokenizer, prompts, batch_size=batch_size, show_progress=show_progress)
     finally:
         model.train(was_training)
 

@@ -24,7 +24,7 @@ import math
 import time
 from pathlib import Path
 
-from plora.eval_common import length_sorted_batches, model_device, pad_batch, pad_id_of
+from plora.eval_common import length_sorted_batches, model_device, pad_batch, pad_id_of, progress
 from plora.eval_gsm8k import PROMPT_STYLES, extract_answer, gsm8k_accuracy, gsm8k_prompt
 from plora.eval_mmlu import mmlu_accuracy, mmlu_prompt, stratified_indices
 from plora.errors import UserError
@@ -41,7 +41,14 @@ TASKS = ("gsm8k", "mmlu", "loss")
 
 
 def heldout_loss(
-    model, tokenizer, records: list[dict], *, batch_size: int = 8, max_length: int = 1024, system: str | None = None
+    model,
+    tokenizer,
+    records: list[dict],
+    *,
+    batch_size: int = 8,
+    max_length: int = 1024,
+    system: str | None = None,
+    show_progress: bool = False,
 ) -> dict:
     """Mean cross-entropy per response token (and its perplexity) on instruction records.
 
@@ -49,7 +56,7 @@ def heldout_loss(
     with the chat template and only the assistant's tokens count, as in training. The mean is
     over all response tokens of all records (long answers weigh more). Records longer than
     ``max_length`` are cut (``truncated`` counts them); records left with no response token are
-    skipped (``dropped``). Returns ``{"loss", "perplexity", "n", "tokens", "truncated",
+    skipped (``dropped``). ``show_progress`` draws a progress bar. Returns ``{"loss", "perplexity", "n", "tokens", "truncated",
     "dropped", "seconds", "per_record"}``.
     """
     import torch
@@ -77,7 +84,8 @@ def heldout_loss(
     model.eval()
     try:
         with torch.inference_mode():
-            for batch in length_sorted_batches([len(e[1]) for e in examples], batch_size):
+            batches = length_sorted_batches([len(e[1]) for e in examples], batch_size)
+            for batch in progress(batches, total_rows=len(examples), desc="loss", enabled=show_progress):
                 ids, mask = pad_batch([examples[b][1] for b in batch], pad, side="right")
                 labels, _ = pad_batch([examples[b][2] for b in batch], IGNORE_INDEX, side="right")
                 ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
@@ -250,7 +258,7 @@ def run(args: argparse.Namespace) -> int:
     if gsm_records is not None:
         res = gsm8k_accuracy(
             model, tokenizer, gsm_records, shots=args.shots, fewshot_records=gsm_train, prompt_style=args.prompt_style,
-            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, show_progress=True,
         )  # fmt: skip
         predictions["gsm8k"] = res.pop("predictions")
         results["tasks"]["gsm8k"] = {"data": str(plan["gsm8k"]), **res}
@@ -258,7 +266,7 @@ def run(args: argparse.Namespace) -> int:
               f"{res['prompt_style']} prompt) in {res['seconds']:.0f} s")  # fmt: skip
     if "mmlu" in plan:
         res = mmlu_accuracy(model, tokenizer, plan["mmlu"], shots=args.mmlu_shots, subjects=subjects,
-                            limit=args.limit, batch_size=args.batch_size)  # fmt: skip
+                            limit=args.limit, batch_size=args.batch_size, show_progress=True)  # fmt: skip
         predictions["mmlu"] = res.pop("predictions")
         if res["subset"]:
             picked: dict[str, list[int]] = {}
@@ -269,7 +277,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{res['name']}: accuracy micro {res['micro']:.4f}, macro {res['macro']:.4f} "
               f"({res['shots']}-shot) in {res['seconds']:.0f} s")  # fmt: skip
     if loss_records is not None:
-        res = heldout_loss(model, tokenizer, loss_records, batch_size=args.batch_size, max_length=args.max_length)
+        res = heldout_loss(model, tokenizer, loss_records, batch_size=args.batch_size, max_length=args.max_length,
+                           show_progress=True)
         predictions["loss"] = res.pop("per_record")
         results["tasks"]["loss"] = {"data": str(plan["loss"]), **res}
         print(f"loss: {res['loss']:.4f} per response token (perplexity {res['perplexity']:.3f}, "
