@@ -162,3 +162,10 @@ def test_every_shipped_recipe_parses(name):
 def test_resume_of_a_non_run_is_refused(tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path)]) == 2
     assert "not a plora run directory" in capsys.readouterr().err
+
+
+def test_debug_shows_the_traceback_instead():
+    from plora.errors import UserError
+
+    with pytest.raises(UserError, match="method must be one of"):
+        main(["train", "--method", "qlora", "--debug"])
