@@ -7,7 +7,7 @@ batch, not after an hour) and pads each batch only to its own longest row.
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 # End-of-turn markers of common chat templates. Generation stops at any of them that the
 # tokenizer knows as one token, besides the tokenizer's and the generation config's eos.

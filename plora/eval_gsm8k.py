@@ -21,8 +21,15 @@ from __future__ import annotations
 import re
 import time
 
-from plora.eval_common import length_sorted_batches, model_device, pad_batch, pad_id_of, progress, stop_token_ids
 from plora.errors import UserError
+from plora.eval_common import (
+    length_sorted_batches,
+    model_device,
+    pad_batch,
+    pad_id_of,
+    progress,
+    stop_token_ids,
+)
 
 PROMPT_STYLES = ("chat", "plain")
 PLAIN_STOP_STRINGS = ("Question:",)

@@ -30,8 +30,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from plora.eval_common import length_sorted_batches, model_device, pad_batch, pad_id_of, progress
 from plora.errors import UserError
+from plora.eval_common import (
+    length_sorted_batches,
+    model_device,
+    pad_batch,
+    pad_id_of,
+    progress,
+)
 
 LETTERS = ("A", "B", "C", "D")
 

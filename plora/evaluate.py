@@ -24,14 +24,27 @@ import math
 import time
 from pathlib import Path
 
-from plora.eval_common import length_sorted_batches, model_device, pad_batch, pad_id_of, progress
+from plora.errors import UserError
+from plora.eval_common import (
+    length_sorted_batches,
+    model_device,
+    pad_batch,
+    pad_id_of,
+    progress,
+)
 from plora.eval_gsm8k import PROMPT_STYLES, extract_answer, gsm8k_accuracy, gsm8k_prompt
 from plora.eval_mmlu import mmlu_accuracy, mmlu_prompt, stratified_indices
-from plora.errors import UserError
 
 __all__ = [
-    "gsm8k_accuracy", "mmlu_accuracy", "heldout_loss", "extract_answer", "gsm8k_prompt",
-    "mmlu_prompt", "stratified_indices", "register", "run",
+    "extract_answer",
+    "gsm8k_accuracy",
+    "gsm8k_prompt",
+    "heldout_loss",
+    "mmlu_accuracy",
+    "mmlu_prompt",
+    "register",
+    "run",
+    "stratified_indices",
 ]  # fmt: skip
 
 TASKS = ("gsm8k", "mmlu", "loss")
@@ -206,14 +219,14 @@ def _plan(args) -> dict:
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
 def _markdown(results: dict) -> str:
     """A short human-readable report of ``results.json``."""
-    lines = [f"# Evaluation of {results['model']}", "", f"{results['date']}, device {results['device']}, "
-             f"dtype {results['dtype']}", "", "| task | metric | value | n | notes |", "| --- | --- | --- | --- | --- |"]  # fmt: skip
+    header = f"{results['date']}, device {results['device']}, dtype {results['dtype']}"
+    lines = [f"# Evaluation of {results['model']}", "", header, "", "| task | metric | value | n | notes |",
+             "| --- | --- | --- | --- | --- |"]  # fmt: skip
     t = results["tasks"]
     if "gsm8k" in t:
         g = t["gsm8k"]
@@ -262,6 +275,8 @@ def run(args: argparse.Namespace) -> int:
         )  # fmt: skip
         predictions["gsm8k"] = res.pop("predictions")
         results["tasks"]["gsm8k"] = {"data": str(plan["gsm8k"]), **res}
+        if "gsm8k_train" in plan:
+            results["tasks"]["gsm8k"]["fewshot_data"] = str(plan["gsm8k_train"])
         print(f"gsm8k: accuracy {res['accuracy']:.4f} ({res['correct']}/{res['n']}, {res['shots']}-shot, "
               f"{res['prompt_style']} prompt) in {res['seconds']:.0f} s")  # fmt: skip
     if "mmlu" in plan:

@@ -10,11 +10,22 @@ import pytest
 import torch
 
 from plora import evaluate as E
-from plora.eval_gsm8k import extract_answer, generate_greedy, gsm8k_prompt, reference_answer, same_number
-from plora.eval_mmlu import (
-    MMLUQuestion, format_question, load_mmlu, mmlu_prompt, score_letters, stratified_indices,
-)  # fmt: skip
 from plora.errors import UserError
+from plora.eval_gsm8k import (
+    extract_answer,
+    generate_greedy,
+    gsm8k_prompt,
+    reference_answer,
+    same_number,
+)
+from plora.eval_mmlu import (
+    MMLUQuestion,
+    format_question,
+    load_mmlu,
+    mmlu_prompt,
+    score_letters,
+    stratified_indices,
+)  # fmt: skip
 
 GSM = [
     {"question": "Tom has 3 apples and buys 4 more. How many apples does he have?", "answer": "3 + 4 = 7\n#### 7"},
@@ -140,7 +151,7 @@ class _ScriptedGenerator(torch.nn.Module):
     def __init__(self, tok, text: str):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.zeros(1))
-        ids = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+        ids = lambda s: tok(s, add_special_tokens=False)["input_ids"]
         self.continuation = ids(text) + [tok.eos_token_id] + ids(" after eos 99")
         self.generation_config = None
 
