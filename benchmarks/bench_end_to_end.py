@@ -30,7 +30,7 @@ def plain_trainer(model_dir, records, steps, batch_size, lr, max_length, seed, o
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
     from plora.data import DataCollator, build_dataset
-    from plora.train import _length_grouping
+    from plora.train import length_grouping_kwargs
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     tok.pad_token = tok.pad_token or tok.eos_token
@@ -44,7 +44,7 @@ def plain_trainer(model_dir, records, steps, batch_size, lr, max_length, seed, o
                              learning_rate=lr, lr_scheduler_type="cosine", bf16=cuda, use_cpu=not cuda, logging_steps=10,
                              save_strategy="no", report_to=[], seed=seed, disable_tqdm=True,
                              include_num_input_tokens_seen="non_padding", remove_unused_columns=False,
-                             **_length_grouping(group_by_length))
+                             **length_grouping_kwargs(group_by_length))
     trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=DataCollator(tok.pad_token_id))
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     if cuda:

@@ -119,7 +119,8 @@ def _evaluate(run_dir: Path, tasks: list, data: Path, opts: dict) -> dict:
     with (run_dir / "metrics.jsonl").open("a") as f:
         f.write(json.dumps({"kind": "eval", **out}) + "\n")
     del model
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return out
 
 

@@ -12,9 +12,9 @@ checkpoint and restores them on ``resume_from_checkpoint``.
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
+import sys
 
 from transformers import TrainerCallback
 
@@ -59,13 +59,16 @@ class PLoRACallback(TrainerCallback):
         """Move this callback before the reporting callbacks, so the unload stats it adds to
         ``logs`` reach TensorBoard / W&B. The Trainer puts user callbacks last and passes no
         handle to them; the handler is found on the call stack (best effort)."""
-        for frame_info in inspect.stack()[1:6]:
-            handler = frame_info.frame.f_locals.get("self")
-            callbacks = getattr(handler, "callbacks", None)
+        frame = sys._getframe(1)
+        for _ in range(5):  # the handler's call_event is a frame or two up
+            if frame is None:
+                return
+            callbacks = getattr(frame.f_locals.get("self"), "callbacks", None)
             if isinstance(callbacks, list) and self in callbacks:
                 callbacks.remove(self)
                 callbacks.insert(0, self)
                 return
+            frame = frame.f_back
 
     # --- each step -----------------------------------------------------------------------------
     def on_step_end(self, args, state, control, **kwargs):

@@ -213,14 +213,3 @@ def fused_update_(
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def seed_from_generator(generator: torch.Generator | None) -> int:
-    """An int seed for the kernel's random stream, taken from ``generator`` without a device sync.
-
-    ``reinit_generator`` seeds one generator per (config seed, layer, unload index), so its
-    ``initial_seed()`` is the deterministic per-layer, per-unload seed the torch path draws from.
-    """
-    if generator is None:
-        return int(torch.randint(0, 1 << 62, (1,)).item())  # the CPU default generator: no device sync
-    return int(generator.initial_seed()) & ((1 << 63) - 1)

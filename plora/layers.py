@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -220,9 +219,3 @@ def adapted_layers(model: nn.Module, adapter_name: str | None = None) -> list[Ad
         module.__dict__.setdefault("_plora_init", {})[adapter] = init
         out.append(AdaptedLayer(canonical_name(name), module, adapter))
     return out
-
-
-def iter_base_weights(model: nn.Module, adapter_name: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """(canonical layer name, base weight) for every adapted layer: what unloads change."""
-    for layer in adapted_layers(model, adapter_name):
-        yield layer.name, layer.weight

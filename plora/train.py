@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import resource
 import shutil
 import sys
@@ -162,6 +161,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
     from transformers.trainer_utils import get_last_checkpoint
 
     from plora import data as D
+    from plora.compare import final_train_loss, load_run, plot_losses
     from plora.run_callbacks import MetricsCallback, ProgressBar, RankTracker, tensorboard_callback
 
     device = _device(cfg)
@@ -207,7 +207,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
         save_total_limit=cfg.save_total_limit, report_to=[], seed=cfg.seed, data_seed=cfg.seed,
         bf16=use_bf16, use_cpu=not device.startswith("cuda"), dataloader_num_workers=0,
         include_num_input_tokens_seen="non_padding", disable_tqdm=True, remove_unused_columns=False,
-        **_length_grouping(cfg.group_by_length),
+        **length_grouping_kwargs(cfg.group_by_length),
     )
     callbacks = [MetricsCallback(run_dir / "metrics.jsonl"), tensorboard_callback(run_dir / "tb")]
     plora_cb = None
@@ -258,8 +258,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
     final = _finalise_model(model, cfg, run_dir, tokenizer, plora_cb)
     summary.update({k: v for k, v in evaluator.run(final, label="after").items()})
     summary["final_train_slice_loss"] = summary.pop("train_slice_loss", None)
+    run = load_run(run_dir)  # what was logged: smoothed final loss and the loss plot
     summary.update(
-        final_train_loss=_smoothed_final_loss(run_dir / "metrics.jsonl"),
+        final_train_loss=final_train_loss(run)[0],
         rank=cfg.lora.r if cfg.method != "full" else None,
         unload_every=cfg.plora.unload_every if cfg.method == "plora" else None,
         stages=cfg.plora.stages if cfg.method == "plora" else None,
@@ -271,11 +272,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
         tokens_per_s=_tokens_per_s(trainer, train_seconds), device=device,
     )
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-    _plot_loss(run_dir)
+    plot_losses([run], run_dir / "loss.png")
     return summary
 
 
-def _length_grouping(enabled: bool) -> dict:
+def length_grouping_kwargs(enabled: bool) -> dict:
     """TrainingArguments keywords for length-grouped batches, across transformers versions."""
     import dataclasses
 
@@ -291,57 +292,25 @@ def _length_grouping(enabled: bool) -> dict:
 
 def _finalise_model(model, cfg: TrainConfig, run_dir: Path, tokenizer, plora_cb):
     """Merge every remaining update into the base and save a plain transformers checkpoint."""
-    import torch
-
     if cfg.method == "lora":
         model.save_pretrained(run_dir / "adapter")
     if cfg.method in ("lora", "plora"):
         from plora.unload import unload_
 
+        # The last merge folds in what compensated merging still held back; what is left in the
+        # residual afterwards is below half a unit of the weight's dtype, which it cannot hold.
         residuals = plora_cb.unloader.residuals if plora_cb else None
         unload_(model, 1.0, merge_precision=cfg.plora.merge_precision, residuals=residuals,
                 unload_index=10**6, landed_sample_rows=0)
-        if residuals:  # flush what compensated merging still holds back
-            with torch.no_grad():
-                for layer in plora_cb.unloader.layers:
-                    if layer.name in residuals:
-                        layer.weight.add_(residuals[layer.name].to(layer.weight.dtype))
         model = model.unload()  # drop the (now zero) adapter layers
     model.save_pretrained(run_dir / "model")
     tokenizer.save_pretrained(run_dir / "model")
     return model
 
 
-def _smoothed_final_loss(metrics_path: Path) -> float | None:
-    losses = [json.loads(line)["loss"] for line in metrics_path.read_text().splitlines()
-              if line.strip() and '"loss"' in line and '"kind"' not in line]
-    if not losses:
-        return None
-    tail = losses[-max(1, len(losses) // 10):]
-    return sum(tail) / len(tail)
-
-
 def _tokens_per_s(trainer, seconds: float) -> float | None:
     tokens = getattr(trainer.state, "num_input_tokens_seen", 0) or 0
     return tokens / seconds if seconds > 0 and tokens else None
-
-
-def _plot_loss(run_dir: Path) -> None:
-    from matplotlib.figure import Figure
-
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if "loss" in r and r.get("kind", "train") == "train"]
-    if not rows:
-        return
-    fig = Figure(figsize=(6, 3.5))
-    ax = fig.add_subplot()
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1.2)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss")
-    ax.set_title(run_dir.name)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(run_dir / "loss.png", dpi=120)
 
 
 class _ListDataset:

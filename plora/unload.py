@@ -271,7 +271,8 @@ def unload_(
             _unload_layer_fused(layer, float(momentum), mode, residual, reinit_seed(seed, layer.name, unload_index),
                                 fused_stats[dev])
         else:
-            gen = reinit_generator(seed, layer.name, unload_index, layer.weight.device)
+            # the stochastic-rounding stream; the other modes draw nothing
+            gen = reinit_generator(seed, layer.name, unload_index, layer.weight.device) if mode == "stochastic" else None
             part = _unload_layer(layer, float(momentum), mode, residual, landed_sample_rows, gen)
             sums = part if sums is None else sums + part.to(sums.device)
         _merge_bias(layer, float(momentum))

@@ -16,7 +16,6 @@ together with the base weights (``plora.checkpoint``) it gives an exact resume.
 
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import nn
@@ -156,8 +155,3 @@ class PeriodicUnloader:
             f"PeriodicUnloader({len(self.layers)} layers, {self.config.describe_points()}, "
             f"momentum={self.config.momentum}, unloads={self.num_unloads})"
         )
-
-
-def steps_per_epoch_of(num_batches: int, grad_accum: int = 1) -> int:
-    """Optimizer steps in one epoch of ``num_batches`` micro-batches."""
-    return max(1, math.ceil(num_batches / max(1, grad_accum)))

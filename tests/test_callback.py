@@ -59,8 +59,9 @@ def test_unloads_at_accumulation_boundaries_and_logs_stats(tmp_path):
     assert [s.step for s in cb.history] == [3, 6]  # optimizer steps, not micro-batches
     logged = [l for l in recorder.logs if "plora/landed_share" in l]
     assert len(logged) == 2 and all(l["plora/landed_share"] > 0.99 for l in logged)
-    # the callback moved itself before the other callbacks, so reporting sees the stats
-    assert all(l.get("plora/unloads", 0) >= 0 for l in recorder.logs if "loss" in l)
+    # the recorder was registered first; it sees plora's keys only because the callback moved
+    # itself before the other callbacks, as reporting integrations need
+    assert all("plora/unloads" in l for l in recorder.logs if "loss" in l)
     ckpt = tmp_path / "checkpoint-4"
     assert (ckpt / BASE_FILE).is_file() and (ckpt / STATE_FILE).is_file()
 
