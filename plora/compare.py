@@ -31,7 +31,7 @@ from plora.errors import UserError
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "spectra.json")
 SUMMARY_FIELDS = (
     "name", "method", "rank", "unload_every", "stages", "unload_every_epochs", "momentum",
-    "final_train_loss", "base_train_loss", "heldout_loss", "gsm8k_acc", "mmlu_acc",
+    "final_train_loss", "base_train_loss", "heldout_loss", "test_loss", "gsm8k_acc", "mmlu_acc",
     "peak_memory_bytes", "train_seconds", "trainable_params", "numerical_rank",
     "effective_rank", "unloads",
 )
@@ -251,7 +251,7 @@ def _row(run: Run) -> dict:
         "final_train_loss": final,
         "final_train_loss_source": final_src,
         "last_step": int(run.train[-1]["step"]) if run.train else None,
-        **{key: _eval_value(run, key) for key in ("heldout_loss", "gsm8k_acc", "mmlu_acc")},
+        **{key: _eval_value(run, key) for key in ("heldout_loss", "test_loss", "gsm8k_acc", "mmlu_acc")},
         "peak_memory_bytes": _num(run.summary.get("peak_memory_bytes")),
         "train_seconds": seconds,
         "trainable_params": _num(run.summary.get("trainable_params")),
@@ -342,6 +342,7 @@ COLUMNS = (
     ("momentum", "momentum", "num"),
     ("final train loss", "final_train_loss", "loss"),
     ("held-out loss", "heldout_loss", "loss"),
+    ("test loss", "test_loss", "loss"),
     ("GSM8K", "gsm8k_acc", "acc"),
     ("MMLU", "mmlu_acc", "acc"),
     ("peak memory", "peak_memory_bytes", "bytes"),

@@ -159,6 +159,8 @@ def register(subparsers) -> None:
                    help="GSM8K prompt: chat template (default) or lm-eval's plain 'Question: ..\\nAnswer:'")
     p.add_argument("--limit", type=int, default=None, metavar="N",
                    help="first N GSM8K / loss records; a stratified subset of N MMLU questions")
+    p.add_argument("--mmlu-limit", type=int, default=None, metavar="N",
+                   help="MMLU only: a stratified subset of N questions (default: --limit, else all)")
     p.add_argument("--batch-size", type=int, default=16, metavar="N", help="prompts per forward/generate call (default 16)")
     p.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="GSM8K generation budget (default 256)")
     p.add_argument("--max-length", type=int, default=1024, metavar="N", help="held-out loss: tokens kept per record (default 1024)")
@@ -199,6 +201,7 @@ def _plan(args) -> dict:
             raise UserError(f"{t} data file not found: {path}")
         plan[t] = path
     _positive("--limit", args.limit)
+    _positive("--mmlu-limit", args.mmlu_limit)
     _positive("--batch-size", args.batch_size)
     _positive("--max-new-tokens", args.max_new_tokens)
     if args.shots < 0 or args.mmlu_shots < 0:
@@ -281,7 +284,8 @@ def run(args: argparse.Namespace) -> int:
               f"{res['prompt_style']} prompt) in {res['seconds']:.0f} s")  # fmt: skip
     if "mmlu" in plan:
         res = mmlu_accuracy(model, tokenizer, plan["mmlu"], shots=args.mmlu_shots, subjects=subjects,
-                            limit=args.limit, batch_size=args.batch_size, show_progress=True)  # fmt: skip
+                            limit=args.mmlu_limit or args.limit, batch_size=args.batch_size,
+                            show_progress=True)  # fmt: skip
         predictions["mmlu"] = res.pop("predictions")
         if res["subset"]:
             picked: dict[str, list[int]] = {}

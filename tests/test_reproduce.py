@@ -1,0 +1,138 @@
+"""The reproduction driver's plan logic (benchmarks/reproduce.py): parsing, merging, resolution."""
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("reproduce", ROOT / "benchmarks" / "reproduce.py")
+R = sys.modules["reproduce"] = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(R)
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "plan.yaml"
+    path.write_text(text)
+    return path
+
+
+PLAN = """
+recipe: gsm8k
+common: {epochs: 1}
+runs:
+  - name: lora
+    sweep_lr: [1.0e-4, 1.0e-3]
+    overrides: {method: lora}
+  - name: plora
+    sweep_lr: [1.0e-4, 1.0e-3]
+    overrides: {method: plora, plora: {unload_every_epochs: 0.1}}
+  - name: plora-step
+    base: plora
+    overrides: {plora: {unload_every: 1}}
+  - name: plora-period
+    best_of: [plora, plora-step]
+  - name: plora-m
+    base: plora-period
+    overrides: {plora: {momentum: 0.5}}
+  - name: lora-attn
+    base: lora
+    lr_from: plora
+    overrides: {lora: {target_modules: attention}}
+"""
+
+
+def _driver(tmp_path, text=PLAN):
+    plan, entries = R.load_plan(_write(tmp_path, text))
+    args = argparse.Namespace(out=str(tmp_path / "out"), data_dir=str(tmp_path), model=None, gpus=["0"], per_gpu=2,
+                              threads=1, deadline_s=100, keep_models=False, hold=[])
+    return R.Driver(plan, entries, args)
+
+
+def _trained(driver, name, loss):
+    driver.trained.add(name)
+    driver.score[name] = loss
+    driver.settings[name] = driver.ready_settings(driver.entries[name])
+
+
+def test_shipped_plan_parses_and_refers_to_known_runs():
+    plan, entries = R.load_plan(ROOT / "docs" / "results" / "plans" / "reproduction.yaml")
+    names = {e.name for e in entries}
+    assert {"lora-r8-lr0.0001", "plora-best", "plora-r8-every-step", "full-lr1e-05"} <= names
+    assert plan["holdout"]["records"] == 500
+
+
+def test_sweep_expands_and_resolves_to_the_lowest_heldout_loss(tmp_path):
+    d = _driver(tmp_path)
+    assert d.resolve("lora") is None  # nothing trained yet
+    _trained(d, "lora-lr0.0001", 1.2)
+    assert d.resolve("lora") is None  # one child still to run
+    _trained(d, "lora-lr0.001", 0.9)
+    assert d.resolve("lora") == "lora-lr0.001"
+    assert d.settings["lora-lr0.001"] == {"method": "lora", "lr": 1e-3}
+
+
+def test_base_inherits_settings_and_a_new_point_replaces_the_old(tmp_path):
+    d = _driver(tmp_path)
+    _trained(d, "plora-lr0.0001", 0.8)
+    _trained(d, "plora-lr0.001", 0.9)
+    step = d.ready_settings(d.entries["plora-step"])
+    assert step == {"method": "plora", "lr": 1e-4, "plora": {"unload_every": 1}}
+    assert d.ready_settings(d.entries["plora-m"]) is None  # waits for plora-step
+    _trained(d, "plora-step", 0.7)
+    assert d.resolve("plora-period") == "plora-step"
+    assert d.ready_settings(d.entries["plora-m"]) == {
+        "method": "plora", "lr": 1e-4, "plora": {"unload_every": 1, "momentum": 0.5}}
+
+
+def test_lr_from_takes_another_runs_learning_rate(tmp_path):
+    d = _driver(tmp_path)
+    for name, loss in (("lora-lr0.0001", 1.0), ("lora-lr0.001", 2.0), ("plora-lr0.0001", 2.0), ("plora-lr0.001", 1.0)):
+        _trained(d, name, loss)
+    assert d.ready_settings(d.entries["lora-attn"]) == {
+        "method": "lora", "lr": 1e-3, "lora": {"target_modules": "attention"}}
+
+
+def test_a_failed_run_fails_what_depends_on_it_only(tmp_path):
+    d = _driver(tmp_path)
+    d.failed["plora-lr0.0001"] = "boom"
+    _trained(d, "plora-lr0.001", 0.9)
+    assert d.resolve("plora") == "plora-lr0.001"  # the sweep chooses among the runs that ended
+    d.failed["lora-lr0.0001"] = d.failed["lora-lr0.001"] = "boom"
+    d.candidates()
+    assert "lora" in d.failed and "lora-attn" in d.failed
+    assert "plora-step" not in d.failed
+
+
+def test_reported_runs_are_sweep_winners_and_plain_runs(tmp_path):
+    d = _driver(tmp_path)
+    _trained(d, "lora-lr0.0001", 1.0)
+    _trained(d, "lora-lr0.001", 2.0)
+    assert [run for _, run in d.reported_runs()] == ["lora-lr0.0001"]
+
+
+def test_train_command_flattens_overrides(tmp_path):
+    d = _driver(tmp_path)
+    d.fit_records = 10
+    cmd = d.train_cmd("x", {"lr": 1e-4, "plora": {"momentum": 0.5}, "lora": {"target_modules": "attention"}})
+    assert cmd[cmd.index("--plora.momentum") + 1] == "0.5"
+    assert cmd[cmd.index("--lora.target_modules") + 1] == '"attention"'
+    assert cmd[cmd.index("--data_limit") + 1] == "10"
+    from plora.train_config import parse_overrides
+
+    parsed = parse_overrides(cmd[cmd.index("--recipe") + 4:])
+    assert parsed["lora"]["target_modules"] == "attention" and parsed["lr"] == 1e-4
+
+
+@pytest.mark.parametrize("text, message", [
+    ("runs: []", "non-empty"),
+    ("runs: [{overrides: {}}]", "needs a name"),
+    ("runs: [{name: a, base: b}]", "unknown run 'b'"),
+    ("runs: [{name: a}, {name: a}]", "used twice"),
+    ("runs: [{name: a, lrs: [1]}]", "unknown keys"),
+])
+def test_malformed_plans_are_refused(tmp_path, text, message):
+    with pytest.raises(ValueError, match=message):
+        R.load_plan(_write(tmp_path, text))
