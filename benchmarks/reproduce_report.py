@@ -1,0 +1,158 @@
+"""Tables of a finished (or partly finished) reproduction plan, beside ``plora compare``'s report.
+
+    python benchmarks/reproduce_report.py OUT --plan docs/results/plans/reproduction.yaml > tables.md
+
+``OUT`` is the folder ``benchmarks/reproduce.py`` wrote. Prints markdown: the learning-rate sweeps
+(held-out loss per learning rate, the chosen one in bold), what each choice resolved to, the
+headline pair over seeds (mean and sample standard deviation), and each ablation as a difference
+from the run it changes one thing of. Learning ability is ``plora compare``'s: the base model's
+loss on a fixed slice of the training data minus the smoothed final training loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from plora.compare import final_train_loss, load_run  # noqa: E402
+
+METRICS = (  # (header, key, format, better)
+    ("held-out loss", "heldout_loss", "{:.4f}", "lower"),
+    ("test loss", "test_loss", "{:.4f}", "lower"),
+    ("GSM8K", "gsm8k_acc", "{:.1%}", "higher"),
+    ("MMLU (2,000)", "mmlu_acc", "{:.1%}", "higher"),
+    ("learning ability", "learning_ability", "{:.4f}", "higher"),
+)
+
+
+def run_values(path: Path) -> dict | None:
+    """The numbers of one run directory (None if it never finished training)."""
+    if not (path / "summary.json").is_file():
+        return None
+    run = load_run(path)
+    s = run.summary
+    final, _ = final_train_loss(run)
+    base = s.get("base_train_loss")
+    out = {k: s.get(k) for k in ("heldout_loss", "test_loss", "gsm8k_acc", "gsm8k_n", "mmlu_acc", "unloads",
+                                 "numerical_rank", "effective_rank", "peak_memory_bytes", "train_seconds", "steps")}
+    out["learning_ability"] = None if final is None or base is None else base - final
+    out["lr"] = run.config.get("lr")
+    return out
+
+
+def _fmt(value, fmt: str) -> str:
+    return "—" if value is None else fmt.format(value)
+
+
+def sweep_table(out: Path, plan: dict, status: dict) -> list[str]:
+    lines = ["| method | learning rate: held-out loss | chosen |", "| --- | --- | --- |"]
+    for raw in plan["runs"]:
+        if not raw.get("sweep_lr"):
+            continue
+        cells = []
+        chosen = status["resolved"].get(raw["name"])
+        for lr in raw["sweep_lr"]:
+            child = f"{raw['name']}-lr{lr:g}"
+            v = run_values(out / child)
+            cell = f"{lr:g}: {_fmt(v and v['heldout_loss'], '{:.4f}')}"
+            cells.append(f"**{cell}**" if child == chosen else cell)
+        lines.append(f"| {raw['name']} | {', '.join(cells)} | {chosen or 'not resolved'} |")
+    return lines
+
+
+def choice_lines(plan: dict, status: dict) -> list[str]:
+    lines = []
+    for raw in plan["runs"]:
+        if raw.get("best_of") and not raw.get("sweep_lr"):
+            got = status["resolved"].get(raw["name"])
+            lines.append(f"- `{raw['name']}` (lowest held-out loss of {', '.join(raw['best_of'])}): "
+                         f"**{got or 'not resolved'}**")
+    return lines
+
+
+def mean_sd(values: list, percent: bool = False) -> str:
+    """``mean ± sd (n=k)`` of the known values; accuracies in percent."""
+    vals = [100 * v if percent else v for v in values if v is not None]
+    if not vals:
+        return "—"
+    unit, digits = ("%", 2) if percent else ("", 4)
+    m = statistics.fmean(vals)
+    if len(vals) == 1:
+        return f"{m:.{digits}f}{unit} (n=1)"
+    return f"{m:.{digits}f}{unit} ± {statistics.stdev(vals):.{digits}f} (n={len(vals)})"
+
+
+def seeds_table(out: Path, status: dict, groups: dict[str, list[str]]) -> list[str]:
+    header = "| runs | " + " | ".join(h for h, *_ in METRICS) + " |"
+    lines = [header, "|" + " --- |" * (len(METRICS) + 1)]
+    for label, names in groups.items():
+        dirs = [status["resolved"].get(n, n) for n in names]
+        vals = [run_values(out / d) for d in dirs]
+        vals = [v for v in vals if v is not None]
+        cells = [mean_sd([v[key] for v in vals], "%" in fmt) for _, key, fmt, _ in METRICS]
+        lines.append(f"| {label}: {', '.join(dirs)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def delta_table(out: Path, status: dict, pairs: list[tuple[str, str]]) -> list[str]:
+    header = "| change | against | " + " | ".join(f"Δ {h}" for h, *_ in METRICS) + " |"
+    lines = [header, "|" + " --- |" * (len(METRICS) + 2)]
+    for name, ref in pairs:
+        a = run_values(out / status["resolved"].get(name, name))
+        b = run_values(out / status["resolved"].get(ref, ref))
+        cells = []
+        for _, key, fmt, _ in METRICS:
+            if a is None or b is None or a.get(key) is None or b.get(key) is None:
+                cells.append("—")
+            else:
+                d = a[key] - b[key]
+                cells.append(("+" if d >= 0 else "") + (f"{100 * d:.1f} pt" if "%" in fmt else f"{d:.4f}"))
+        lines.append(f"| {name} | {status['resolved'].get(ref, ref)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--plan", type=Path, required=True)
+    args = ap.parse_args(argv)
+    import yaml
+
+    plan = yaml.safe_load(args.plan.read_text())
+    status_path = args.out / "plan_status.json"
+    if not status_path.is_file():
+        print(f"error: {status_path} not found: not a reproduce.py output folder", file=sys.stderr)
+        return 2
+    status = json.loads(status_path.read_text())
+    names = {r["name"] for r in plan["runs"]}
+    parts = ["## Learning-rate sweeps (held-out loss on the last 500 training records)", "",
+             *sweep_table(args.out, plan, status), "", "## Choices", "", *choice_lines(plan, status), ""]
+    seeds = {"LoRA r=8": [n for n in ("lora-r8", "lora-r8-seed1", "lora-r8-seed2") if n in names],
+             "best PLoRA r=8": [n for n in ("plora-best", "plora-best-seed1", "plora-best-seed2") if n in names]}
+    parts += ["## Headline pair over seeds (mean ± sample standard deviation)", "",
+              *seeds_table(args.out, status, seeds), ""]
+    pairs = [(n, ref) for n, ref in (
+        ("plora-r8-10pct", "lora-r8"), ("plora-r8-25pct", "lora-r8"), ("plora-r8-every-step", "lora-r8"),
+        ("plora-r8-m0.5", "plora-period"), ("plora-r8-m0.1", "plora-period"),
+        ("plora-attention", "plora-period"), ("lora-r8-attention", "lora-r8"),
+        ("plora-rewarmup", "plora-period"), ("plora-keep-optimizer", "plora-period"),
+        ("plora-direct-bf16", "plora-period"), ("plora-stochastic-bf16", "plora-period"),
+        ("plora-r8-epoch-2ep", "lora-r8-2ep"), ("lora-r64", "lora-r8"), ("full", "lora-r8"),
+    ) if n in names and ref in names]
+    parts += ["## One change at a time (difference from the reference run; + is higher)", "",
+              *delta_table(args.out, status, pairs), ""]
+    not_run = status.get("waiting", []) + status.get("ready_not_started", [])
+    parts += ["## Not run (deadline)", "", ", ".join(not_run) if not_run else "none", ""]
+    if status.get("failed"):
+        parts += ["## Failed", "", *[f"- {k}: {v}" for k, v in status["failed"].items()], ""]
+    print("\n".join(parts))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
