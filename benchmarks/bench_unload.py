@@ -7,12 +7,17 @@ after a warm-up, in one run on one device:
 - ``copy``: ``dst.copy_(src)`` of a large buffer, the roofline (bytes = read + write).
 - ``plora <mode>``: ``plora.unload_`` with its default configuration (landed-share sampling of
   64 rows per layer included, as in training), per ``merge_precision`` direct / compensated /
-  stochastic, reusing the layer list as ``PeriodicUnloader`` does.
+  stochastic, reusing one ``UnloadPlan`` as ``PeriodicUnloader`` does. Its ``host us/layer`` is
+  the time the host takes to enqueue the unload (``plora.unload._enqueue_unload``: everything up to
+  the final statistics sync, the finiteness check's sync included) divided by the number of
+  layers: the overhead the grouped launches are there to keep small.
 - ``update only <mode>``: just the weight updates of those unloads (``addmm_`` for direct, the
-  fused Triton kernel of ``plora.kernels`` for all three modes): what an unload cannot avoid.
-- ``plora <mode>, torch path``: the unload with the Triton kernel switched off (GPU only).
+  grouped Triton launches of the plan for all three modes): what an unload cannot avoid.
+- ``plora <mode>, torch path``: the unload with the Triton kernels switched off (GPU only).
 - ``naive merge``: what axolotl's ReLoRA does per layer, ``W += B @ A * scaling`` then A
   re-initialised (kaiming) and B zeroed.
+- under each table, ``optimizer reset``: ``plora.optim.reset_adapter_state`` of an AdamW state
+  of the adapter (what ``PeriodicUnloader`` runs after each unload), synchronised and host only.
 
 Bytes that must move per weight element: 4 (W read + written) for direct and stochastic, 8 for
 compensated (the bf16 residual read + written too). Effective bandwidth = those bytes / time.
@@ -42,6 +47,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import plora  # noqa: E402
 from plora.layers import adapted_layers  # noqa: E402
+from plora.optim import reset_adapter_state  # noqa: E402
+from plora.unload import UnloadPlan, _enqueue_unload  # noqa: E402
 
 MODES = ("direct", "compensated", "stochastic")
 BYTES_PER_ELEMENT = {"direct": 4, "compensated": 8, "stochastic": 4}
@@ -132,6 +139,23 @@ class Clock:
                 growth.append(torch.cuda.max_memory_allocated() - before)
         return statistics.median(times), times, (max(growth) if growth else None)
 
+    def host(self, fn, prepare=None, reps=5, warmup=1):
+        """Median seconds until ``fn`` returns, the device idle before: the host's share of its work."""
+        for _ in range(warmup):
+            if prepare:
+                prepare()
+            fn()
+        times = []
+        for _ in range(reps):
+            if prepare:
+                prepare()
+            self.sync()
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+            self.sync()
+        return statistics.median(times)
+
 
 def copy_bandwidth(clock, device, elements):
     src = torch.randn(elements, device=device).to(torch.bfloat16)
@@ -152,26 +176,36 @@ def naive_merge(model):
             nn.init.zeros_(m.lora_B[a].weight)
 
 
-def update_only(layers, mode, residuals, kernel):
-    """The weight updates of one unload alone: addmm_ (direct, kernel=False) or the fused kernel."""
-    from plora import kernels
-
-    work = []
-    for layer in layers:
-        W = layer.weight.data
-        L, R = layer.factors()
-        res = residuals.get(layer.name) if mode == "compensated" else None
-        work.append((W, L, R, layer.scaling, res))
+def update_only(layers, mode, plan, residuals):
+    """The weight updates of one unload alone: addmm_ (direct, plan=None) or the plan's grouped kernels."""
+    if plan is not None:
+        plan.refresh(mode, 1.0, residuals)
+        return lambda: plan.update_fused_(1, 0)
+    work = [(layer.weight.data, *layer.factors(), layer.scaling) for layer in layers]
 
     def run():
         with torch.no_grad():
-            for W, L, R, alpha, res in work:
-                if kernel:
-                    kernels.fused_update_(W, L, R, alpha, mode, res, seed=1)
-                else:
-                    W.addmm_(L.to(W.dtype), R.to(W.dtype), alpha=alpha)
+            for W, L, R, alpha in work:
+                W.addmm_(L.to(W.dtype), R.to(W.dtype), alpha=alpha)
 
     return run
+
+
+def optimizer_reset(layers, device, clock, args):
+    """(synchronised, host-only) seconds of reset_adapter_state on an AdamW state of the adapter."""
+    params = [t for layer in layers for t in layer.adapter_tensors()]
+    opt = torch.optim.AdamW(params, fused=device.startswith("cuda"))
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt.step()  # creates the state: step, exp_avg, exp_avg_sq per tensor
+    for p in params:
+        p.grad = None
+    reset = lambda: reset_adapter_state(opt, params, "reset")  # noqa: E731
+    synced, _, _ = clock.measure(reset, None, args.reps, args.warmup)
+    host = clock.host(reset, None, args.reps, args.warmup)
+    tensors = sum(torch.is_tensor(v) for p in params for v in opt.state[p].values())
+    del opt
+    return {"ms": synced * 1e3, "host_us_per_layer": host * 1e6 / len(layers), "state_tensors": tensors}
 
 
 def bench_model(shape, device, args, clock, copy_bps):
@@ -183,12 +217,13 @@ def bench_model(shape, device, args, clock, copy_bps):
     fused = device.startswith("cuda") and _fused_available(layers[0].weight)
     rows, residual_bytes, n_layers = [], 0, len(layers)
 
-    def row(name, mode, seconds, growth, targets=False, reference=None):
+    def row(name, mode, seconds, growth, targets=False, reference=None, host=None):
         nbytes = BYTES_PER_ELEMENT[mode] * elements
         r = {
             "variant": name,
             "mode": mode,
             "ms": seconds * 1e3,
+            "host_us_per_layer": None if host is None else host * 1e6 / n_layers,
             "bytes": nbytes,
             "GBps": nbytes / seconds / 1e9,
             "copy_share": nbytes / seconds / copy_bps,
@@ -210,14 +245,22 @@ def bench_model(shape, device, args, clock, copy_bps):
 
     for mode in MODES:
         residuals: dict = {}
+        plan = UnloadPlan(layers)
         counter = iter(range(10**6))
 
-        def unload(mode=mode, residuals=residuals, counter=counter, sample=args.landed_sample_rows):
-            plora.unload_(model, 1.0, merge_precision=mode, residuals=residuals, layers=layers,
+        def unload(mode=mode, residuals=residuals, plan=plan, counter=counter, sample=args.landed_sample_rows):
+            plora.unload_(model, 1.0, merge_precision=mode, residuals=residuals, plan=plan,
                           unload_index=next(counter), landed_sample_rows=sample)
 
+        def enqueue(mode=mode, residuals=residuals, plan=plan, counter=counter):
+            with torch.no_grad():
+                _enqueue_unload(model, 1.0, adapter_name=None, merge_precision=mode, seed=0,
+                                unload_index=next(counter), on_nonfinite="raise", residuals=residuals,
+                                landed_sample_rows=args.landed_sample_rows, layers=None, plan=plan)
+
         s, _, growth = clock.measure(unload, prepare, args.reps, args.warmup)
-        row(f"plora {mode}", mode, s, growth, targets=True, reference=naive_s)
+        host = clock.host(enqueue, prepare, args.reps, args.warmup)
+        row(f"plora {mode}", mode, s, growth, targets=True, reference=naive_s, host=host)
         if mode == "compensated":
             residual_bytes = sum(t.numel() * t.element_size() for t in residuals.values())
         if args.landed_rows is not None:
@@ -228,21 +271,23 @@ def bench_model(shape, device, args, clock, copy_bps):
             import plora.kernels as kernels
 
             real = kernels.fused_available
-            kernels.fused_available = lambda t: False  # the unload's torch fallback path
+            kernels.fused_available = lambda t, **kw: False  # the unload's torch fallback path
+            torch_plan = UnloadPlan(layers)  # built in the warm-up, while the kernels are off
             try:
-                s, _, growth = clock.measure(unload, prepare, args.reps, args.warmup)
+                s, _, growth = clock.measure(lambda p=torch_plan: unload(plan=p), prepare, args.reps, args.warmup)
             finally:
                 kernels.fused_available = real
             row(f"plora {mode}, torch path", mode, s, growth, reference=naive_s)
         if mode == "direct":
-            s, _, growth = clock.measure(update_only(layers, mode, residuals, False), None, args.reps, args.warmup)
+            s, _, growth = clock.measure(update_only(layers, mode, None, residuals), None, args.reps, args.warmup)
             row("update only direct (addmm_)", mode, s, growth, reference=naive_s)
         if fused:
-            s, _, growth = clock.measure(update_only(layers, mode, residuals, True), None, args.reps, args.warmup)
-            row(f"update only {mode} (Triton)", mode, s, growth, reference=naive_s)
-        del residuals
+            s, _, growth = clock.measure(update_only(layers, mode, plan, residuals), None, args.reps, args.warmup)
+            row(f"update only {mode} (Triton, grouped)", mode, s, growth, reference=naive_s)
+        del residuals, plan
 
     row("naive merge (ReLoRA)", "direct", naive_s, naive_growth, reference=naive_s)
+    reset = optimizer_reset(layers, device, clock, args)
     del model, layers
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
@@ -253,6 +298,7 @@ def bench_model(shape, device, args, clock, copy_bps):
         "largest_layer_bytes": largest,
         "compensated_residual_bytes": residual_bytes,
         "rows": rows,
+        "optimizer_reset": reset,
     }
 
 
@@ -274,15 +320,16 @@ def markdown(results) -> str:
                    f"{res['weight_elements'] / 1e9:.3g} G weight elements, largest weight "
                    f"{res['largest_layer_bytes'] / 2**20:.3g} MiB; compensated residuals "
                    f"{res['compensated_residual_bytes'] / 2**30:.3g} GiB (persistent)\n")
-        out.append("| variant | ms | GB/s | % of copy | vs naive | peak growth MiB | targets |")
-        out.append("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
+        out.append("| variant | ms | host us/layer | GB/s | % of copy | vs naive | peak growth MiB | targets |")
+        out.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
         for r in res["rows"]:
             growth = "n/a" if r["peak_growth_bytes"] is None else f"{r['peak_growth_bytes'] / 2**20:.1f}"
             verdict = ""
             if "pass" in r:
                 p = r["pass"]
                 verdict = ", ".join(f"{k} {'n/a' if v is None else 'PASS' if v else 'FAIL'}" for k, v in p.items())
-            out.append(f"| {r['variant']} | {r['ms']:.3g} | {r['GBps']:.4g} | {100 * r['copy_share']:.0f}% | "
+            host = "" if r["host_us_per_layer"] is None else f"{r['host_us_per_layer']:.3g}"
+            out.append(f"| {r['variant']} | {r['ms']:.3g} | {host} | {r['GBps']:.4g} | {100 * r['copy_share']:.0f}% | "
                        f"{r.get('speedup_vs_naive', float('nan')):.2f}x | {growth} | {verdict} |")
         update = {r["mode"]: r["ms"] for r in res["rows"] if r["variant"].startswith("update only")}
         for r in res["rows"]:
@@ -290,6 +337,9 @@ def markdown(results) -> str:
                 extra = r["ms"] - update[r["mode"]]
                 out.append(f"- {r['variant']}: {extra:.3g} ms beyond its weight updates, "
                            f"{1e3 * extra / res['adapted_layers']:.3g} us per layer")
+        reset = res["optimizer_reset"]
+        out.append(f"- optimizer reset (AdamW, {reset['state_tensors']} state tensors): {reset['ms']:.3g} ms, "
+                   f"host {reset['host_us_per_layer']:.3g} us per layer")
         out.append("")
     out.append(f"Targets: plora unload >= {TARGET_COPY_SHARE:.0%} of copy bandwidth, >= {TARGET_SPEEDUP:g}x "
                "faster than the naive merge, peak growth <= the largest single weight.")

@@ -1,4 +1,4 @@
-"""A fused Triton kernel for the unload's weight update on CUDA: ``W += alpha * L @ R`` in one pass.
+"""Fused Triton kernels for the unload on CUDA: ``W += alpha * L @ R`` in one pass, and A's re-init.
 
 The torch path of ``compensated`` and ``stochastic`` merging (``plora.unload._update_rows``) makes
 several passes over each weight with fp32 temporaries. This kernel makes one: every program
@@ -17,16 +17,25 @@ bits come from a counter-based hash of (seed, element index in W): two rounds of
 (``tl.randint``'s Philox, ten rounds per element, made the kernel compute-bound: 22% of copy
 bandwidth on an H200 against 46% with the hash, in the same measurement.)
 
+Two launch forms run the same tile code (``update_tile``), so they give the same bits:
+``fused_update_`` updates one layer per launch; ``grouped_update_`` updates a group of layers of one
+shape per launch, grid (tiles_m, tiles_n, layers), each program reading its layer's pointers, alpha
+and seed from small device tables. One launch per group instead of one per layer is what keeps the
+unload's host time far below its kernel time on models of many small layers.
+
+``kaiming_fill_`` re-initialises the A factors of a group of layers in one launch: uniform in
+(-bound, bound) from the same hash of (seed, element index), 24 random bits per element.
+
 Accuracy: the rank-r product runs on tensor cores in one tf32 pass with fp32 accumulation. bf16 and
 fp16 factors are exact in tf32; fp32 factors are rounded to tf32 (10-bit mantissa), so ``d`` is off
 from the torch reference's fp32 ``L @ R`` by about 1e-3 of max|d| at most (measured 8.8e-4 at r=16 on
 an H200): less than rounding ``d`` once to bf16 (2^-9). Three passes (``tf32x3``, ~5e-6) measured
 54% of copy bandwidth for direct merging against 67% for one pass, so the kernel takes one.
 
-Triton is optional: this module imports it, and ``plora.unload`` imports this module only when a
-CUDA weight is unloaded, so ``import plora`` never needs triton. Without triton (or off CUDA)
+Triton is optional: this module imports it, and ``plora.unload_plan`` imports this module only when
+a CUDA weight is unloaded, so ``import plora`` never needs triton. Without triton (or off CUDA)
 ``fused_available`` is False and the unload keeps its torch path. With ``TRITON_INTERPRET=1`` set
-before this module is imported, the kernel runs on CPU tensors in triton's interpreter (for tests).
+before this module is imported, the kernels run on CPU tensors in triton's interpreter (for tests).
 """
 
 from __future__ import annotations
@@ -49,6 +58,7 @@ except Exception:  # ImportError, or a broken install
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 if triton is not None:
+    _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
     @triton.jit
     def to_bf16_rtne(x):
@@ -69,17 +79,17 @@ if triton is not None:
         h ^= h >> 16
         return h
 
-    @triton.jit(do_not_specialize=["key_lo", "key_hi"])
-    def unload_tile(
+    @triton.jit
+    def update_tile(
         W, RES, L, R, STATS,
         M, N, K,
         stride_wm, stride_lm, stride_lk, stride_rk, stride_rn,
-        alpha, key_lo, key_hi,  # two 31-bit parts of the stochastic-rounding seed (62 bits used)
-        MODE: tl.constexpr,  # 0 direct, 1 compensated, 2 stochastic
-        HAS_RES: tl.constexpr,
-        HAS_STATS: tl.constexpr,  # accumulate [sum(landed * d), sum(d * d)] into STATS (fp32 atomics)
+        alpha, key_lo, key_hi,
+        MODE: tl.constexpr, HAS_RES: tl.constexpr, HAS_STATS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
+        # One (BLOCK_M x BLOCK_N) tile of one layer: the body both launch forms share, so a layer
+        # gets the same bits whether it is updated alone or in a group.
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -131,20 +141,85 @@ if triton is not None:
             tl.atomic_add(STATS, tl.sum(tl.sum(tl.where(mask, landed, 0.0) * dm, axis=1), axis=0))
             tl.atomic_add(STATS + 1, tl.sum(tl.sum(dm * dm, axis=1), axis=0))
 
+    @triton.jit(do_not_specialize=["key_lo", "key_hi"])
+    def unload_tile(
+        W, RES, L, R, STATS,
+        M, N, K,
+        stride_wm, stride_lm, stride_lk, stride_rk, stride_rn,
+        alpha, key_lo, key_hi,  # two 31-bit parts of the stochastic-rounding seed (62 bits used)
+        MODE: tl.constexpr,  # 0 direct, 1 compensated, 2 stochastic
+        HAS_RES: tl.constexpr,
+        HAS_STATS: tl.constexpr,  # accumulate [sum(landed * d), sum(d * d)] into STATS (fp32 atomics)
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        update_tile(W, RES, L, R, STATS, M, N, K, stride_wm, stride_lm, stride_lk, stride_rk, stride_rn,
+                    alpha, key_lo, key_hi, MODE, HAS_RES, HAS_STATS, BLOCK_M, BLOCK_N, BLOCK_K)
+
+    @triton.jit
+    def unload_tile_grouped(
+        PTRS,  # int64 (4, G): data pointers of each layer's W, residual (W's when none), L, R
+        ALPHAS,  # fp32 (G,): momentum * scaling per layer
+        KEYS,  # int64 (G,): stochastic-rounding seed per layer (read in MODE 2 only)
+        STATS,  # fp32 (G, 2): [sum(landed * d), sum(d * d)] per layer, accumulated
+        G, M, N, K,
+        stride_wm, stride_lm, stride_lk, stride_rk, stride_rn,
+        MODE: tl.constexpr, HAS_RES: tl.constexpr, FACTOR_DTYPE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        # program (tile_m, tile_n, layer): the layers of a group share shape, rank, strides, dtypes
+        g = tl.program_id(2)
+        W = tl.load(PTRS + g).to(tl.pointer_type(tl.bfloat16))
+        RES = tl.load(PTRS + G + g).to(tl.pointer_type(tl.bfloat16))
+        L = tl.load(PTRS + 2 * G + g).to(tl.pointer_type(FACTOR_DTYPE))
+        R = tl.load(PTRS + 3 * G + g).to(tl.pointer_type(FACTOR_DTYPE))
+        key = 0
+        if MODE == 2:
+            key = tl.load(KEYS + g)
+        update_tile(W, RES, L, R, STATS + 2 * g, M, N, K, stride_wm, stride_lm, stride_lk, stride_rk, stride_rn,
+                    tl.load(ALPHAS + g), key & 0x7FFFFFFF, (key >> 32) & 0x7FFFFFFF,
+                    MODE, HAS_RES, True, BLOCK_M, BLOCK_N, BLOCK_K)
+
+    @triton.jit
+    def kaiming_fill(
+        PTRS,  # int64 (G,): data pointers of the (contiguous) tensors to fill, numel elements each
+        KEYS,  # int64 (G,): seed per tensor
+        numel, bound,
+        DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        # uniform in (-bound, bound) from the hash of (seed, element index): independent of the tiling
+        g = tl.program_id(1)
+        out = tl.load(PTRS + g).to(tl.pointer_type(DTYPE))
+        key = tl.load(KEYS + g)
+        offs = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+        h = fmix32(fmix32(offs.to(tl.uint32) ^ (key & 0x7FFFFFFF).to(tl.uint32))
+                   ^ ((key >> 32) & 0x7FFFFFFF).to(tl.uint32))
+        # 24 random bits -> an odd multiple of 2^-24 in (-1, 1): exact in fp32, symmetric, never 0
+        u = ((h >> 8).to(tl.int32) * 2 - 0xFFFFFF).to(tl.float32) * 5.9604644775390625e-08
+        x = u * bound
+        if DTYPE == tl.bfloat16:
+            value = to_bf16_rtne(x)
+        else:
+            value = x.to(DTYPE)
+        tl.store(out + offs, value, mask=offs < numel)
+
 
 def triton_available() -> bool:
     """Whether triton imports here (it ships with torch's CUDA builds)."""
     return triton is not None
 
 
-def fused_available(tensor: torch.Tensor) -> bool:
-    """Whether ``fused_update_`` can update ``tensor``: a contiguous bf16 CUDA weight, triton importable."""
+def fused_available(tensor: torch.Tensor, on_host: bool = False) -> bool:
+    """Whether the kernels can update ``tensor``: a contiguous bf16 CUDA weight, triton importable.
+
+    ``on_host`` (tests only) accepts CPU tensors instead when this process runs triton's interpreter.
+    """
+    # the interpreter runs on the host: never route real CUDA work to it
+    placed = (on_host and _INTERPRETED and tensor.device.type == "cpu") or (tensor.is_cuda and not _INTERPRETED)
     return (
-        tensor.is_cuda
+        placed
         and tensor.dtype == torch.bfloat16
         and tensor.dim() >= 2
         and tensor.is_contiguous()
-        and not _INTERPRETED  # the interpreter runs on the host: never route real CUDA work to it
         and triton_available()
     )
 
@@ -209,6 +284,56 @@ def fused_update_(
         num_warps=4,
     )
     return W2d
+
+
+FACTOR_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the grouped kernels read
+
+
+def grouped_update_(
+    ptrs: torch.Tensor,
+    alphas: torch.Tensor,
+    keys: torch.Tensor | None,
+    stats: torch.Tensor,
+    shape: tuple[int, int, int],
+    factor_strides: tuple[int, int, int, int],
+    factor_dtype: torch.dtype,
+    mode: str,
+    has_res: bool,
+) -> None:
+    """``fused_update_`` for a group of layers in one launch; each layer gets the same bits as alone.
+
+    For every layer g: ``W_g <- round(W_g + alphas[g] * L_g @ R_g)`` under ``mode``, with ``stats[g]``
+    (fp32, shape (G, 2)) accumulating ``[sum(landed * d), sum(d * d)]``. ``ptrs`` is an int64 (4, G)
+    table on the weights' device of the data pointers of W (contiguous bf16, ``shape[:2]`` = (M, N)),
+    the residual (bf16, contiguous; any valid pointer without one), L (M, r) and R (r, N);
+    ``shape[2]`` is the rank r, ``factor_strides`` the strides of L and R (shared by the group),
+    ``factor_dtype`` one of ``FACTOR_DTYPES``; ``keys`` (int64, (G,)) are the stochastic seeds.
+    No checks: the caller (``plora.unload_plan``) built the tables from validated tensors.
+    """
+    M, N, K = shape
+    G = ptrs.shape[1]
+    block_m, block_n = _block_sizes(N)
+    unload_tile_grouped[(_cdiv(M, block_m), _cdiv(N, block_n), G)](
+        ptrs, alphas, keys if keys is not None else ptrs, stats,
+        G, M, N, K,
+        N, *factor_strides,
+        MODE=_MODE_ID[mode], HAS_RES=has_res, FACTOR_DTYPE=_TL_DTYPE[factor_dtype],
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=16 if K <= 16 else 32,
+        num_warps=4,
+    )
+
+
+def kaiming_fill_(ptrs: torch.Tensor, keys: torch.Tensor, numel: int, bound: float, dtype: torch.dtype) -> None:
+    """Fill G contiguous tensors of ``numel`` elements uniformly in (-bound, bound), one launch.
+
+    ``ptrs`` and ``keys`` are int64 (G,) tables of data pointers and seeds on the tensors' device;
+    ``dtype`` one of ``FACTOR_DTYPES``. Tensor g is a function of ``keys[g]`` only: the same seed
+    gives the same values on every device and at every tiling.
+    """
+    block = 1024
+    kaiming_fill[(_cdiv(numel, block), ptrs.shape[0])](
+        ptrs, keys, numel, float(bound), DTYPE=_TL_DTYPE[dtype], BLOCK=block, num_warps=4,
+    )
 
 
 def _cdiv(a: int, b: int) -> int:

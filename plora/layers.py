@@ -85,26 +85,45 @@ class AdaptedLayer:
         """The layer's current update exactly as PEFT defines it (scaling, rsLoRA, layout)."""
         return self.module.get_delta_weight(self.adapter)
 
+    @property
+    def init_mode(self) -> str:
+        """How ``reinit_`` draws A: 'kaiming' (PEFT's default) or 'gaussian'."""
+        return _init_mode(self.module, self.adapter)
+
+    @property
+    def lora_bias(self) -> torch.Tensor | None:
+        """The adapter's own bias (PEFT's ``lora_bias=True``), or None."""
+        m, a = self.module, self.adapter
+        if self.kind == "embedding" or not m.lora_bias.get(a):
+            return None
+        return m.lora_B[a].bias
+
+    def b_tensors(self) -> list[torch.Tensor]:
+        """B and, with lora_bias, its bias: the tensors an unload scales by ``1 - m`` or zeroes."""
+        m, a = self.module, self.adapter
+        if self.kind == "embedding":
+            return [m.lora_embedding_B[a]]
+        bias = self.lora_bias
+        return [m.lora_B[a].weight] if bias is None else [m.lora_B[a].weight, bias]
+
     def adapter_tensors(self) -> list[torch.Tensor]:
         """The trainable tensors of this adapter in this layer (for finiteness checks, optimizer lookup)."""
         m, a = self.module, self.adapter
-        if self.kind == "embedding":
-            out = [m.lora_embedding_A[a], m.lora_embedding_B[a]]
-        else:
-            out = [m.lora_A[a].weight, m.lora_B[a].weight]
-            if m.lora_bias.get(a) and m.lora_B[a].bias is not None:
-                out.append(m.lora_B[a].bias)
-        return out
+        A = m.lora_embedding_A[a] if self.kind == "embedding" else m.lora_A[a].weight
+        return [A, *self.b_tensors()]
 
-    def scale_b_(self, factor: float) -> None:
-        """Multiply the adapter's output by ``factor`` (B and its bias), leaving A untouched."""
+    def tensor_slots(self) -> list[tuple[dict, str]]:
+        """(dict, key) of where the base weight and the adapter's tensors live, in that order.
+
+        Reading ``d[k]`` is a dict lookup: far cheaper than the properties above, so a cached
+        ``UnloadPlan`` can check at every unload that no tensor was replaced or moved.
+        """
         m, a = self.module, self.adapter
+        slots = [(self.base._parameters, "weight")]
         if self.kind == "embedding":
-            m.lora_embedding_B[a].mul_(factor)
-        else:
-            m.lora_B[a].weight.mul_(factor)
-            if m.lora_bias.get(a) and m.lora_B[a].bias is not None:
-                m.lora_B[a].bias.mul_(factor)
+            return slots + [(m.lora_embedding_A._parameters, a), (m.lora_embedding_B._parameters, a)]
+        slots += [(m.lora_A[a]._parameters, "weight"), (m.lora_B[a]._parameters, "weight")]
+        return slots + ([(m.lora_B[a]._parameters, "bias")] if self.lora_bias is not None else [])
 
     def reinit_(self, generator: torch.Generator) -> None:
         """Re-initialise the adapter the way PEFT does (never both factors zero), from ``generator``."""
@@ -115,14 +134,12 @@ class AdaptedLayer:
             nn.init.normal_(m.lora_embedding_B[a], generator=generator)
             return
         A = m.lora_A[a].weight
-        init = _init_mode(m, a)
-        if init == "gaussian":
+        if self.init_mode == "gaussian":
             nn.init.normal_(A, std=1 / m.r[a], generator=generator)
         else:  # PEFT's default (True) and every data-driven init (pissa, olora, ...) fall back to kaiming
             nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
-        nn.init.zeros_(m.lora_B[a].weight)
-        if m.lora_bias.get(a) and m.lora_B[a].bias is not None:
-            nn.init.zeros_(m.lora_B[a].bias)
+        for t in self.b_tensors():
+            nn.init.zeros_(t)
 
 
 def _init_mode(module: LoraLayer, adapter: str) -> str:

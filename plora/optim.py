@@ -36,25 +36,38 @@ def reset_adapter_state(optimizer, params: list[torch.Tensor], mode: str, prune_
     or keep the optimizer state of ``params``. Returns how many parameters had state touched.
 
     Zeroing in place gives the same update as a freshly created Adam/AdamW/SGD state while keeping
-    tensor identity (fused and capturable optimizers, CUDA graphs, sharded wrappers).
+    tensor identity (fused and capturable optimizers, CUDA graphs, sharded wrappers). A reset zeroes
+    every state tensor (tensor ``step`` counters included) with one ``torch._foreach_zero_`` per
+    device and dtype, not one kernel per tensor.
     """
     if mode == "keep":
         return 0
     touched = 0
+    to_zero = []
     for p in params:
         state = optimizer.state.get(p)
         if not state:
             continue
         touched += 1
-        for key, value in list(state.items()):
+        for key, value in state.items():  # values are replaced, never added: safe while iterating
             if isinstance(value, torch.Tensor):
                 if mode == "reset":
-                    value.zero_()
+                    to_zero.append(value)
                 elif value.shape == p.shape and value.is_floating_point() and value.numel() > 1:
                     _prune_(value, prune_ratio)
             elif mode == "reset" and key == "step" and isinstance(value, (int, float)):
                 state[key] = type(value)(0)
+    _zero_(to_zero)
     return touched
+
+
+def _zero_(tensors: list[torch.Tensor]) -> None:
+    """Zero ``tensors`` in place, one foreach call per (device, dtype) group."""
+    groups: dict = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    for group in groups.values():
+        torch._foreach_zero_(group)
 
 
 def _prune_(t: torch.Tensor, ratio: float) -> None:

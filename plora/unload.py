@@ -6,8 +6,14 @@ For every adapted layer, with ``dW`` the layer's current update exactly as PEFT 
     adapter <- (1 - m) * dW        (B scaled by 1 - m; at m = 1, re-initialised as PEFT does)
 
 so the model's output is unchanged by an unload for every ``m``, up to the rounding of the
-base weight's dtype. Re-initialisation draws from a generator seeded by (seed, layer name,
-unload count), so every process of a distributed run, and a resumed run, draw the same A.
+base weight's dtype. Re-initialisation draws A from a seed made of (seed, layer name, unload
+count), so every process of a distributed run, and a resumed run, draw the same A: on the fused
+path by the kaiming kernel's hash of that seed (PEFT's distribution, another stream than torch's
+generator), elsewhere from a torch generator seeded with it.
+
+What happens to each layer is worked out once by an ``UnloadPlan`` (``plora.unload_plan``), which
+``PeriodicUnloader`` keeps between unloads: fused layers are updated one launch per group of
+like-shaped layers, the others one by one on the torch path below.
 
 How the update enters low-precision weights is the ``merge_precision``:
 
@@ -20,8 +26,8 @@ How the update enters low-precision weights is the ``merge_precision``:
 
 Each unload returns ``UnloadStats``; its ``landed_share`` is the measured share of the merged
 update that arrived in the model's weight state (W, plus the residual buffer where one is kept):
-on CUDA with bf16 weights, the fused Triton kernel (``plora.kernels``) updates each weight in one
-pass and measures it over every element; elsewhere it is estimated on ``landed_sample_rows``
+on CUDA with bf16 weights, the fused Triton kernels (``plora.kernels``) update each weight in one
+pass and measure it over every element; elsewhere it is estimated on ``landed_sample_rows``
 evenly spaced rows per layer (exact with 0 = all rows).
 """
 
@@ -35,12 +41,14 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from plora.layers import AdaptedLayer, adapted_layers, reinit_generator, reinit_seed
+from plora.layers import AdaptedLayer, adapted_layers, reinit_generator
+from plora.unload_plan import UnloadPlan, resolve_precision
+
+__all__ = ["UnloadPlan", "UnloadStats", "resolve_precision", "unload_"]
 
 # Row chunks of the elementwise paths hold at most this many elements per temporary,
 # so no path allocates more than a few tens of MiB beyond the weights themselves.
 _CHUNK_ELEMENTS = 1 << 22
-_LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 @dataclass
@@ -69,42 +77,6 @@ class UnloadStats:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def resolve_precision(mode: str, dtype: torch.dtype) -> str:
-    """The merge precision a weight of ``dtype`` gets under ``mode`` ('auto' picks by dtype)."""
-    if mode == "auto":
-        return "compensated" if dtype in _LOW_PRECISION else "direct"
-    if mode == "stochastic" and dtype != torch.bfloat16:
-        if dtype in (torch.float32, torch.float64):
-            return "direct"  # fp32 needs no rounding trick
-        raise ValueError(f"merge_precision='stochastic' supports bfloat16 weights, got {dtype}; use 'compensated'")
-    if mode == "compensated" and dtype not in _LOW_PRECISION:
-        return "direct"  # fp32 weights lose nothing worth a buffer
-    return mode
-
-
-def check_finite(layers: list[AdaptedLayer]) -> list[str]:
-    """Names of layers whose adapter holds NaN or Inf.
-
-    One multi-tensor norm per device and one host sync for all layers: a NaN or Inf anywhere in
-    a tensor makes its norm non-finite.
-    """
-    if not layers:
-        return []
-    tensors = [t for layer in layers for t in layer.adapter_tensors()]
-    owner = [i for i, layer in enumerate(layers) for _ in layer.adapter_tensors()]
-    by_device: dict = {}
-    for j, t in enumerate(tensors):
-        by_device.setdefault(t.device, []).append(j)
-    finite = [True] * len(tensors)
-    for idx in by_device.values():
-        group = [tensors[j].detach() for j in idx]
-        norms = torch._foreach_norm(group) if hasattr(torch, "_foreach_norm") else [t.norm() for t in group]
-        for j, ok in zip(idx, torch.isfinite(torch.stack([n.float() for n in norms])).tolist()):
-            finite[j] = ok
-    bad = sorted({owner[j] for j, ok in enumerate(finite) if not ok})
-    return [layers[i].name for i in bad]
 
 
 _ROWS_CACHE: dict = {}
@@ -143,27 +115,6 @@ def _update_rows(W2d, r2d, d_rows_fn, rows: slice, mode: str, generator) -> None
         w.copy_(target)  # exact: target is representable in bf16
     else:  # direct through fp32
         w.copy_(w.float().add_(d))
-
-
-def _fused_ok(layer: AdaptedLayer) -> bool:
-    """Whether the layer's update can go through the fused Triton kernel (bf16 CUDA weight)."""
-    W = layer.weight
-    if layer.kind == "conv" or not W.is_cuda or W.dtype != torch.bfloat16:
-        return False
-    from plora import kernels  # imports triton: only for CUDA weights, so CPU installs never need it
-
-    return kernels.fused_available(W.data.view(W.shape[0], -1))
-
-
-def _unload_layer_fused(layer: AdaptedLayer, momentum: float, mode: str, residual, seed: int, stats) -> None:
-    """One Triton pass: update W (and the residual) and add [landed.d, d.d] over all elements to ``stats``."""
-    from plora import kernels
-
-    W = layer.weight.data
-    L, R = layer.factors()
-    r2d = residual.view(W.shape[0], -1) if residual is not None else None
-    kernels.fused_update_(W.view(W.shape[0], -1), L.detach(), R.detach(), momentum * layer.scaling, mode, r2d,
-                          seed=seed, stats=stats)
 
 
 def _unload_layer(layer: AdaptedLayer, momentum: float, mode: str, residual, sample_rows: int, generator):
@@ -224,87 +175,82 @@ def unload_(
     residuals: dict[str, torch.Tensor] | None = None,
     landed_sample_rows: int = 64,
     layers: list[AdaptedLayer] | None = None,
+    plan: UnloadPlan | None = None,
 ) -> UnloadStats:
     """Unload ``momentum`` of every LoRA layer's update into the base weights, in place.
 
     The model's output is unchanged (up to the base dtype's rounding). At ``momentum == 1`` the
-    adapter is re-initialised (A random from a generator seeded by ``(seed, layer, unload_index)``,
+    adapter is re-initialised (A random from a seed made of ``(seed, layer, unload_index)``,
     B zero), else B is scaled by ``1 - momentum``.
 
     ``residuals`` is the per-layer buffer of ``merge_precision='compensated'``; pass the same dict
     at every unload (``PeriodicUnloader`` does). Without it, what rounding drops is dropped.
     An adapter holding NaN/Inf is never merged: ``on_nonfinite='raise'`` raises before any layer
     is touched, ``'skip'`` leaves those layers alone and warns.
+    ``plan`` is an ``UnloadPlan`` of the layers to unload, kept from one unload to the next (it then
+    replaces ``layers``); without it a throw-away one is built, with the same results.
+    """
+    start = time.perf_counter()
+    stats, sums = _enqueue_unload(model, momentum, adapter_name=adapter_name, merge_precision=merge_precision,
+                                  seed=seed, unload_index=unload_index, on_nonfinite=on_nonfinite,
+                                  residuals=residuals, landed_sample_rows=landed_sample_rows, layers=layers, plan=plan)
+    norm2, dot, den = sums.tolist() if sums is not None else (0.0, 0.0, 0.0)  # the one sync after the updates
+    stats.update_norm = math.sqrt(max(norm2, 0.0))
+    stats.landed_share = dot / den if den > 0 else 1.0
+    stats.seconds = time.perf_counter() - start
+    return stats
+
+
+def _enqueue_unload(model, momentum, *, adapter_name, merge_precision, seed, unload_index, on_nonfinite, residuals,
+                    landed_sample_rows, layers, plan) -> tuple[UnloadStats, torch.Tensor | None]:
+    """``unload_`` up to its last host sync: every update enqueued, the statistics still on the device
+    (so a benchmark can time the host's share alone).
+
+    Returns the stats without the measured numbers, and the device tensor
+    (norm², landed·expected, expected²) they come from (None when no layer was merged).
     """
     if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 < momentum <= 1.0:
         raise ValueError(f"momentum must be in (0, 1], got {momentum!r}")
     if on_nonfinite not in ("raise", "skip"):
         raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
-    start = time.perf_counter()
-    layers = adapted_layers(model, adapter_name) if layers is None else layers
-    bad = check_finite(layers)
+    momentum = float(momentum)
+    if plan is None:
+        plan = UnloadPlan(adapted_layers(model, adapter_name) if layers is None else layers)
+    plan.refresh(merge_precision, momentum, residuals)
+    bad = plan.nonfinite()
     if bad and on_nonfinite == "raise":
         raise FloatingPointError(
             f"refusing to unload: the adapter holds NaN/Inf in {len(bad)} layer(s), e.g. {bad[:3]}; "
             "the base weights were not touched (set on_nonfinite='skip' to merge the healthy layers only)"
         )
     if bad:
-        warnings.warn(f"plora: skipped {len(bad)} layer(s) whose adapter holds NaN/Inf: {bad[:3]}", stacklevel=2)
-    bad_set = set(bad)
-    sums = None  # torch path: (norm², landed·expected, expected²), accumulated on the device
-    fused_stats: dict = {}  # fused path, per device: [landed·d, d·d] over every element
-    modes: dict[str, int] = {}
-    for layer in layers:
-        if layer.name in bad_set:
-            continue
-        mode = resolve_precision(merge_precision, layer.weight.dtype)
-        modes[mode] = modes.get(mode, 0) + 1
-        residual = None
-        if mode == "compensated" and residuals is not None:
-            residual = residuals.get(layer.name)
-            if residual is None:
-                residual = residuals[layer.name] = torch.zeros_like(layer.weight, dtype=torch.bfloat16)
-        if _fused_ok(layer):
-            dev = layer.weight.device
-            if dev not in fused_stats:
-                fused_stats[dev] = torch.zeros(2, dtype=torch.float32, device=dev)
-            _unload_layer_fused(layer, float(momentum), mode, residual, reinit_seed(seed, layer.name, unload_index),
-                                fused_stats[dev])
-        else:
-            # the stochastic-rounding stream; the other modes draw nothing
-            gen = reinit_generator(seed, layer.name, unload_index, layer.weight.device) if mode == "stochastic" else None
-            part = _unload_layer(layer, float(momentum), mode, residual, landed_sample_rows, gen)
-            sums = part if sums is None else sums + part.to(sums.device)
-        _merge_bias(layer, float(momentum))
-        if momentum >= 1.0:
-            layer.reinit_(reinit_generator(seed + 1, layer.name, unload_index, _adapter_device(layer)))
-        else:
-            layer.scale_b_(1.0 - momentum)
-    for stats in fused_stats.values():  # exact over all elements: norm² = sum(d²)
-        extra = torch.stack([stats[1].double(), stats[0].double(), stats[1].double()])
+        warnings.warn(f"plora: skipped {len(bad)} layer(s) whose adapter holds NaN/Inf: {bad[:3]}", stacklevel=3)
+        skipped = set(bad)
+        plan = UnloadPlan([layer for layer in plan.layers if layer.name not in skipped])
+        plan.refresh(merge_precision, momentum, residuals)
+    sums = None  # (norm², landed·expected, expected²), accumulated on the device
+    for part in plan.update_fused_(seed, unload_index):  # exact over all elements: norm² = sum(d²)
+        extra = torch.stack([part[1], part[0], part[1]])
         sums = extra if sums is None else sums + extra.to(sums.device)
-    norm2, dot, den = sums.tolist() if sums is not None else (0.0, 0.0, 0.0)
-    return UnloadStats(
-        unload_index=unload_index,
-        layers=len(layers) - len(bad),
-        update_norm=math.sqrt(max(norm2, 0.0)),
-        landed_share=dot / den if den > 0 else 1.0,
-        precision=modes,
-        skipped=bad,
-        seconds=time.perf_counter() - start,
-    )
-
-
-def _adapter_device(layer: AdaptedLayer) -> torch.device:
-    return layer.adapter_tensors()[0].device
+    for layer, mode, residual in plan.torch_work:
+        # the stochastic-rounding stream; the other modes draw nothing
+        gen = reinit_generator(seed, layer.name, unload_index, layer.weight.device) if mode == "stochastic" else None
+        part = _unload_layer(layer, momentum, mode, residual, landed_sample_rows, gen)
+        sums = part if sums is None else sums + part.to(sums.device)
+    for layer in plan.bias_layers:
+        _merge_bias(layer, momentum)
+    if momentum >= 1.0:
+        plan.reinit_(seed, unload_index)
+    else:
+        plan.scale_b_(1.0 - momentum)
+    stats = UnloadStats(unload_index=unload_index, layers=len(plan.layers), update_norm=0.0, landed_share=1.0,
+                        precision=dict(plan.modes), skipped=bad)
+    return stats, sums
 
 
 def _merge_bias(layer: AdaptedLayer, momentum: float) -> None:
     """With PEFT's lora_bias, the adapter's bias term moves into the base bias as well."""
-    m, a = layer.module, layer.adapter
-    if layer.kind == "embedding" or not m.lora_bias.get(a) or m.lora_B[a].bias is None:
-        return
     base_bias = layer.base.bias
     if base_bias is None:
         raise ValueError(f"layer {layer.name}: lora_bias=True but the base layer has no bias to unload into")
-    base_bias.data.add_(m.lora_B[a].bias.to(base_bias.dtype), alpha=momentum * layer.scaling)
+    base_bias.data.add_(layer.lora_bias.to(base_bias.dtype), alpha=momentum * layer.scaling)

@@ -16,7 +16,6 @@ together with the base weights (``plora.checkpoint``) it gives an exact resume.
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 
@@ -24,7 +23,7 @@ from plora.config import PLoRAConfig
 from plora.layers import adapted_layers
 from plora.optim import check_optimizer_holds, reset_adapter_state
 from plora.schedule import ReWarmup
-from plora.unload import UnloadStats, unload_
+from plora.unload import UnloadPlan, UnloadStats, unload_
 
 
 # Fields that must match between a checkpoint and the resuming run for the resume to be exact.
@@ -48,6 +47,7 @@ class PeriodicUnloader:
         self.optimizer = optimizer
         self.layers = adapted_layers(model, self.config.adapter_name)
         self.adapter_params = [t for layer in self.layers for t in layer.adapter_tensors()]
+        self.plan = UnloadPlan(self.layers)  # what each unload does per layer; revalidated at every unload
         check_optimizer_holds(optimizer, self.adapter_params)
         self.total_steps = total_steps
         self.steps_per_epoch = steps_per_epoch
@@ -114,7 +114,7 @@ class PeriodicUnloader:
             on_nonfinite=c.on_nonfinite,
             residuals=self.residuals,
             landed_sample_rows=c.landed_sample_rows,
-            layers=self.layers,
+            plan=self.plan,
         )
         reset_adapter_state(self.optimizer, self.adapter_params, c.optimizer_reset, c.prune_ratio)
         if self.rewarmup is not None:

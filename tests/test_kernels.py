@@ -1,24 +1,22 @@
-"""The fused Triton unload (plora.kernels) against the torch reference of plora.unload.
+"""The fused Triton unload (plora.kernels) against the torch reference of plora.unload, and the
+grouped and re-init kernels against the per-layer one.
 
 On a CUDA machine the checks run on the GPU, in this process. Without CUDA they run in triton's
-CPU interpreter, in a subprocess with TRITON_INTERPRET=1: triton reads that variable when a kernel
-is decorated, so setting it here would change every kernel of the test session. Everything skips
+CPU interpreter, in a subprocess with TRITON_INTERPRET=1 (see ``interpreter``). Everything skips
 when triton is not installed.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
+import math
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-triton = pytest.importorskip("triton")
+import interpreter
 
-_SKIP = 77  # exit code of the subprocess when the interpreter cannot run the kernel at all
+triton = pytest.importorskip("triton")
 
 # (rows, cols, rank, factor dtype, transposed factors): odd shapes exercise the masks, rank 40 the
 # loop over rank blocks, bf16 factors the half-precision dot, transposed ones arbitrary strides.
@@ -180,7 +178,92 @@ def check_stats(device):
             assert torch.allclose(stats, want, rtol=2e-3, atol=1e-6), (mode, m, n, stats, want)
 
 
-CHECKS = [check_direct, check_compensated, check_stochastic, check_stats]
+# (rows, cols, rank, factor dtype, transposed factors, layers): groups of several layers of one
+# shape, odd shapes with bf16 factors, and the transposed strides of fan_in_fan_out layers
+GROUPS = [
+    (64, 96, 8, torch.float32, False, 3),
+    (33, 70, 5, torch.bfloat16, False, 2),
+    (48, 128, 16, torch.float32, True, 3),
+]
+
+
+def _group_tables(layers, residuals, device):
+    """The int64 (4, G) pointer table of plora.unload_plan: W, residual (W without one), L, R."""
+    rows = [[W.data_ptr() for W, _, _ in layers],
+            [(r if r is not None else W).data_ptr() for (W, _, _), r in zip(layers, residuals)],
+            [L.data_ptr() for _, L, _ in layers],
+            [R.data_ptr() for _, _, R in layers]]
+    return torch.tensor(rows, dtype=torch.int64, device=device)
+
+
+def check_grouped_update(device):
+    """One grouped launch gives every layer the bits the per-layer kernel gives it, and its stats."""
+    from plora.kernels import MODES, fused_update_, grouped_update_
+
+    for mode in MODES:
+        for m, n, r, fdtype, tr, count in GROUPS:
+            layers = [_inputs(m, n, r, fdtype, tr, device, seed=i) for i in range(count)]
+            alphas = [0.7, -1.3, 0.25][:count]  # one scaling per layer
+            seeds = [(1 << 62) + 12345 * i + 7 for i in range(count)]  # both 31-bit halves of the key matter
+            res0 = [(torch.randn(m, n, generator=torch.Generator().manual_seed(10 + i)) * 1e-3).bfloat16().to(device)
+                    if mode == "compensated" else None for i in range(count)]
+            want = []
+            for (W, L, R), alpha, seed, res in zip(layers, alphas, seeds, res0):
+                W, res = W.clone(), None if res is None else res.clone()
+                stats = torch.zeros(2, dtype=torch.float32, device=device)
+                fused_update_(W, L, R, alpha, mode, res, seed=seed, stats=stats)
+                want.append((W, res, stats))
+            got_w = [W.clone() for W, _, _ in layers]
+            got_r = [None if res is None else res.clone() for res in res0]
+            L, R = layers[0][1], layers[0][2]
+            stats = torch.zeros(count, 2, dtype=torch.float32, device=device)
+            grouped_update_(_group_tables([(W, L_, R_) for W, (_, L_, R_) in zip(got_w, layers)], got_r, device),
+                            torch.tensor(alphas, dtype=torch.float32, device=device),
+                            torch.tensor(seeds, dtype=torch.int64, device=device), stats,
+                            (m, n, r), L.stride() + R.stride(), fdtype, mode, mode == "compensated")
+            for i, (W, res, st) in enumerate(want):
+                assert torch.equal(got_w[i], W), (mode, m, n, i)
+                if res is not None:
+                    assert torch.equal(got_r[i], res), (mode, m, n, i)
+                # fp32 atomics: the order of the tile sums may differ on a GPU
+                assert torch.allclose(stats[i], st, rtol=1e-4, atol=1e-7), (mode, m, n, i, stats[i], st)
+
+
+def check_kaiming_fill(device):
+    """The re-init kernel: kaiming-uniform values, a function of the seed alone."""
+    from plora.kernels import kaiming_fill_
+
+    def fill(tensors, keys):
+        ptrs = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64, device=device)
+        kaiming_fill_(ptrs, torch.tensor(keys, dtype=torch.int64, device=device), tensors[0].numel(),
+                      1 / math.sqrt(tensors[0].shape[1]), tensors[0].dtype)
+        return tensors
+
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        keys = [11, 12, (1 << 62) + 3]
+        a = fill([torch.empty(8, 300, dtype=dtype, device=device) for _ in keys], keys)
+        b = fill([torch.empty(8, 300, dtype=dtype, device=device) for _ in keys], keys)
+        assert all(torch.equal(x, y) for x, y in zip(a, b))  # same seed, same values
+        assert not torch.equal(a[0], a[1]) and not torch.equal(a[1], a[2])  # another seed, other values
+        alone = fill([torch.empty(8, 300, dtype=dtype, device=device)], keys[1:2])[0]
+        assert torch.equal(alone, a[1])  # a tensor's values do not depend on its group
+        bound = 1 / math.sqrt(300)
+        ulp = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[dtype]
+        for x in a:
+            assert (x.float().abs() <= bound * (1 + ulp)).all()  # rounded to dtype: half a unit at most
+            assert torch.count_nonzero(x) == x.numel()
+
+    # the distribution on a large tensor: uniform on (-bound, bound), mean 0, variance bound^2 / 3
+    x = fill([torch.empty(64, 4096, device=device)], [2024])[0].double()
+    bound = 1 / 64
+    assert abs(x.mean().item()) < 4 * bound / math.sqrt(3 * x.numel())
+    assert abs(x.var().item() / (bound**2 / 3) - 1) < 0.01
+    assert x.max().item() > 0.999 * bound and x.min().item() < -0.999 * bound
+    hist = torch.histc(x.float(), bins=8, min=-bound, max=bound) / x.numel()
+    assert (hist - 1 / 8).abs().max().item() < 0.005
+
+
+CHECKS = [check_direct, check_compensated, check_stochastic, check_stats, check_grouped_update, check_kaiming_fill]
 
 
 # --- on a GPU: in process -------------------------------------------------------------------
@@ -204,9 +287,10 @@ def test_unload_dispatches_to_kernel_on_cuda(mode, monkeypatch):
     import plora
     from plora import kernels
 
-    calls = []
-    real = kernels.fused_update_
-    monkeypatch.setattr(kernels, "fused_update_", lambda *a, **k: calls.append(1) or real(*a, **k))
+    layers_updated = []
+    real = kernels.grouped_update_
+    monkeypatch.setattr(kernels, "grouped_update_",
+                        lambda ptrs, *a, **k: layers_updated.append(ptrs.shape[1]) or real(ptrs, *a, **k))
 
     def build():
         torch.manual_seed(0)
@@ -224,7 +308,7 @@ def test_unload_dispatches_to_kernel_on_cuda(mode, monkeypatch):
         stats = plora.unload_(model, merge_precision=mode, seed=3, residuals={}, landed_sample_rows=0)
         assert stats.landed_share == pytest.approx(1.0, abs=0.05 if mode == "stochastic" else 1e-3)
         weights.append([p.detach().clone() for n, p in model.named_parameters() if "base_layer.weight" in n])
-    assert len(calls) == 4
+    assert layers_updated == [1, 1, 1, 1]  # two shapes: one launch per shape, two unloads
     assert all(torch.equal(a, b) for a, b in zip(*weights))  # same seed, same result
 
 
@@ -233,33 +317,8 @@ def test_unload_dispatches_to_kernel_on_cuda(mode, monkeypatch):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: the kernel is tested on the GPU")
 def test_kernel_in_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    root = Path(__file__).resolve().parents[1]
-    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve())], env=env, capture_output=True, text=True, timeout=300
-    )
-    if proc.returncode == _SKIP:
-        pytest.skip(f"triton's interpreter cannot run the kernel here: {proc.stdout.strip()[-500:]}")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-
-
-def _main() -> int:
-    """Run every check on CPU tensors in triton's interpreter (TRITON_INTERPRET=1 must be set)."""
-    try:
-        from plora.kernels import fused_update_
-
-        fused_update_(torch.zeros(16, 16, dtype=torch.bfloat16), torch.zeros(16, 1), torch.zeros(1, 16), 1.0, "direct")
-    except Exception as exc:  # no interpreter, or one too old for what the kernel uses
-        print(f"{type(exc).__name__}: {exc}")
-        return _SKIP
-    for check in CHECKS:
-        check("cpu")
-        print(f"{check.__name__}: ok")
-    return 0
+    interpreter.run_script(__file__)
 
 
 if __name__ == "__main__":
-    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        sys.exit("set TRITON_INTERPRET=1 to run the kernel checks on the CPU")
-    sys.exit(_main())
+    sys.exit(interpreter.main(CHECKS))

@@ -1,0 +1,306 @@
+"""The unload plan: what an unload does to each layer, worked out once and reused at every unload.
+
+On models of many small layers the unload used to spend most of its time on the host, per layer:
+picking the path, resolving the precision, one Triton launch, one seeded generator for the re-init.
+An ``UnloadPlan`` sorts the layers once:
+
+- layers the fused kernels can update (bf16 contiguous weight on CUDA, linear or embedding, both
+  factors fp32, bf16 or fp16 alike) go into groups sharing device, weight shape, rank, factor dtype
+  and strides, merge precision and residual-or-not. A group keeps small device tables (data
+  pointers of W, residual, L, R; alpha = momentum * scaling; a stats slot per layer) and is updated
+  by one launch of ``plora.kernels.grouped_update_``;
+- every other layer (CPU, fp32 or fp16 weights, conv) keeps the per-layer torch path of
+  ``plora.unload``.
+
+``refresh`` checks at every unload, in a fraction of a microsecond per layer, a tuple of the data
+pointers of every weight, factor and residual and the scalings against the one the plan was built
+from, and rebuilds the plan if anything changed (``model.to()``, a load that replaced tensors, a
+new residual buffer, another momentum or merge precision).
+
+Re-initialisation (momentum 1) on the fused path: the A factors of kaiming-initialised linear
+layers are drawn by ``plora.kernels.kaiming_fill_``, one launch per A shape, from a hash of
+(``reinit_seed(seed + 1, layer, unload_index)``, element index): uniform in +-1/sqrt(fan_in), the
+distribution of PEFT's ``kaiming_uniform_(A, a=sqrt(5))``, from a different stream than torch's
+generator (which the torch path keeps), and as deterministic: the same on every rank and on resume.
+B and lora_bias are zeroed by one ``torch._foreach_zero_`` per device and dtype. Other layers
+(embeddings, gaussian init, the torch path) are re-initialised per layer as before. Momentum < 1
+scales B (and lora_bias) of every layer by one ``torch._foreach_mul_`` per device and dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from plora.layers import AdaptedLayer, reinit_generator, reinit_seed
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+# Tests set this in a process running triton's interpreter (TRITON_INTERPRET=1), so that CPU bf16
+# weights take the fused path there; it is never set otherwise.
+_HOST_KERNELS = False
+
+
+def resolve_precision(mode: str, dtype: torch.dtype) -> str:
+    """The merge precision a weight of ``dtype`` gets under ``mode`` ('auto' picks by dtype)."""
+    if mode == "auto":
+        return "compensated" if dtype in _LOW_PRECISION else "direct"
+    if mode == "stochastic" and dtype != torch.bfloat16:
+        if dtype in (torch.float32, torch.float64):
+            return "direct"  # fp32 needs no rounding trick
+        raise ValueError(f"merge_precision='stochastic' supports bfloat16 weights, got {dtype}; use 'compensated'")
+    if mode == "compensated" and dtype not in _LOW_PRECISION:
+        return "direct"  # fp32 weights lose nothing worth a buffer
+    return mode
+
+
+def fused_ok(layer: AdaptedLayer, residual: torch.Tensor | None = None) -> bool:
+    """Whether the fused kernels can update the layer: bf16 contiguous CUDA weight, linear or embedding,
+    factors of one dtype the kernels read, a residual (if any) laid out like W, triton importable."""
+    W = layer.weight
+    if layer.kind == "conv" or W.dtype != torch.bfloat16 or not (W.is_cuda or _HOST_KERNELS):
+        return False
+    from plora import kernels  # imports triton: only for CUDA weights, so CPU installs never need it
+
+    if not kernels.fused_available(W.data.view(W.shape[0], -1), on_host=_HOST_KERNELS):
+        return False
+    if residual is not None and not (residual.dtype == torch.bfloat16 and residual.shape == W.shape
+                                     and residual.device == W.device and residual.is_contiguous()):
+        return False
+    L, R = layer.factors()
+    return L.dtype == R.dtype and L.dtype in kernels.FACTOR_DTYPES and L.device == R.device == W.device
+
+
+@dataclass
+class _UpdateGroup:
+    """Layers updated by one launch of the grouped kernel."""
+
+    names: list[str]
+    shape: tuple[int, int, int]  # M, N, rank
+    strides: tuple[int, int, int, int]  # L's two strides, then R's
+    factor_dtype: torch.dtype
+    mode: str
+    has_res: bool
+    ptrs: torch.Tensor  # int64 (4, G): W, residual (W without one), L, R
+    alphas: torch.Tensor  # fp32 (G,)
+    stats: torch.Tensor  # fp32 (G, 2): a view into its device's stats table
+
+
+@dataclass
+class _FillGroup:
+    """A factors re-initialised by one launch of the kaiming kernel."""
+
+    names: list[str]
+    numel: int
+    bound: float
+    dtype: torch.dtype
+    ptrs: torch.Tensor  # int64 (G,)
+
+
+@dataclass
+class _DeviceWork:
+    """The fused work of one device: its groups and the stats table they write into."""
+
+    device: torch.device
+    stats: torch.Tensor  # fp32 (layers, 2)
+    updates: list[_UpdateGroup]
+    fills: list[_FillGroup]
+
+
+class UnloadPlan:
+    """What an unload does to each of ``layers``; build once, pass to ``unload_`` at every unload.
+
+    ``PeriodicUnloader`` keeps one. ``unload_`` calls ``refresh`` first, which (re)builds the plan
+    when it is new or stale; the attributes below hold after it:
+
+    - ``modes``: merge precision -> number of layers;
+    - ``torch_work``: (layer, mode, residual) of the layers on the per-layer torch path;
+    - ``bias_layers``: layers with a lora_bias to merge into the base bias;
+    - ``torch_reinit``: layers ``reinit_`` re-initialises one by one from a seeded generator.
+    """
+
+    def __init__(self, layers: list[AdaptedLayer]):
+        self.layers = list(layers)
+        self._slots = [slot for layer in self.layers for slot in layer.tensor_slots()]
+        self._scalings = [(layer.module.scaling, layer.adapter) for layer in self.layers]
+        self._names = [layer.name for layer in self.layers]
+        self._key = None
+
+    # --- build and revalidate ---------------------------------------------------------------------
+    def refresh(self, merge_precision: str, momentum: float, residuals: dict | None) -> None:
+        """Rebuild the plan unless it was built for these arguments and these very tensors.
+
+        Missing compensated residual buffers are created (zero) on a rebuild, as the unload needs them.
+        """
+        if self._key != self._signature(merge_precision, momentum, residuals):
+            self._build(merge_precision, float(momentum), residuals)
+            self._key = self._signature(merge_precision, momentum, residuals)
+
+    def _signature(self, merge_precision, momentum, residuals) -> tuple:
+        ptrs = tuple(d[k].data_ptr() for d, k in self._slots)
+        res = None if residuals is None else tuple(
+            0 if (r := residuals.get(name)) is None else r.data_ptr() for name in self._names)
+        return merge_precision, momentum, ptrs, res, tuple(d[a] for d, a in self._scalings)
+
+    def _build(self, merge_precision: str, momentum: float, residuals: dict | None) -> None:
+        self.modes: dict[str, int] = {}
+        self.torch_work: list[tuple[AdaptedLayer, str, torch.Tensor | None]] = []
+        self.bias_layers = [layer for layer in self.layers if layer.lora_bias is not None]
+        fused: dict[tuple, list] = {}
+        w_seen: dict[int, int] = {}
+        for layer in self.layers:
+            mode = resolve_precision(merge_precision, layer.weight.dtype)
+            self.modes[mode] = self.modes.get(mode, 0) + 1
+            residual = None
+            if mode == "compensated" and residuals is not None:
+                residual = residuals.get(layer.name)
+                if residual is None:
+                    residual = residuals[layer.name] = torch.zeros_like(layer.weight, dtype=torch.bfloat16)
+            if not fused_ok(layer, residual):
+                self.torch_work.append((layer, mode, residual))
+                continue
+            L, R = layer.factors()
+            W = layer.weight
+            # the n-th layer on one shared (tied) weight goes into an n-th group: launches on one
+            # stream run in order, programs of one launch would race on the weight
+            nth = w_seen[W.data_ptr()] = w_seen.get(W.data_ptr(), -1) + 1
+            key = (W.device, W.shape[0], W.numel() // W.shape[0], L.shape[1], L.dtype, L.stride() + R.stride(),
+                   mode, residual is not None, nth)
+            fused.setdefault(key, []).append((layer, residual, L, R))
+        self._devices = self._device_work(fused, momentum)
+        self._finite = _by_device_and_dtype(
+            (t, layer.name) for layer in self.layers for t in layer.adapter_tensors())
+        self._b_all = _by_device_and_dtype((t, None) for layer in self.layers for t in layer.b_tensors())
+        filled = {name for work in self._devices for fill in work.fills for name in fill.names}
+        self._b_filled = _by_device_and_dtype(
+            (t, None) for layer in self.layers if layer.name in filled for t in layer.b_tensors())
+        self.torch_reinit = [layer for layer in self.layers if layer.name not in filled]
+
+    def _device_work(self, fused: dict, momentum: float) -> list[_DeviceWork]:
+        per_device: dict[torch.device, list] = {}
+        for key, members in fused.items():
+            per_device.setdefault(key[0], []).append((key, members))
+        out = []
+        for device, groups in per_device.items():
+            stats = torch.zeros(sum(len(members) for _, members in groups), 2, dtype=torch.float32, device=device)
+            updates, start = [], 0
+            for (_, M, N, K, fdtype, strides, mode, has_res, _), members in groups:
+                rows = [[layer.weight.data_ptr() for layer, _, _, _ in members],
+                        [(res if res is not None else layer.weight).data_ptr() for layer, res, _, _ in members],
+                        [L.data_ptr() for _, _, L, _ in members],
+                        [R.data_ptr() for _, _, _, R in members]]
+                updates.append(_UpdateGroup(
+                    names=[layer.name for layer, _, _, _ in members], shape=(M, N, K), strides=strides,
+                    factor_dtype=fdtype, mode=mode, has_res=has_res,
+                    ptrs=torch.tensor(rows, dtype=torch.int64, device=device),
+                    alphas=torch.tensor([momentum * layer.scaling for layer, _, _, _ in members],
+                                        dtype=torch.float32, device=device),
+                    stats=stats[start:start + len(members)]))
+                start += len(members)
+            out.append(_DeviceWork(device, stats, updates, _fill_groups(device, groups)))
+        return out
+
+    # --- what an unload runs ------------------------------------------------------------------------
+    def nonfinite(self) -> list[str]:
+        """Names of layers whose adapter holds NaN or Inf, in layer order.
+
+        One multi-tensor norm per device and dtype (a NaN or Inf anywhere makes a norm non-finite)
+        and one host sync per device for all layers (the unload's only sync before its updates).
+        """
+        bad = set()
+        for groups in self._finite.values():
+            flags = torch.cat([torch.isfinite(torch.stack(torch._foreach_norm(ts))) for ts, _ in groups])
+            owners = [name for _, names in groups for name in names]
+            bad.update(name for name, ok in zip(owners, flags.tolist()) if not ok)
+        return [name for name in self._names if name in bad]
+
+    def update_fused_(self, seed: int, unload_index: int) -> list[torch.Tensor]:
+        """Launch the grouped updates; per device, a float64 device tensor [sum(landed*d), sum(d*d)].
+
+        Stochastic rounding draws from ``reinit_seed(seed, layer, unload_index)``, as a layer
+        updated on its own by ``kernels.fused_update_`` with that seed would.
+        """
+        if not self._devices:
+            return []
+        from plora import kernels
+
+        out = []
+        for work in self._devices:
+            work.stats.zero_()
+            tables = iter(_seed_tables([g for g in work.updates if g.mode == "stochastic"], seed, unload_index,
+                                       work.device))
+            for g in work.updates:
+                keys = next(tables) if g.mode == "stochastic" else None
+                kernels.grouped_update_(g.ptrs, g.alphas, keys, g.stats, g.shape, g.strides, g.factor_dtype, g.mode,
+                                        g.has_res)
+            out.append(work.stats.sum(0, dtype=torch.float64))
+        return out
+
+    def reinit_(self, seed: int, unload_index: int) -> None:
+        """Re-initialise every adapter as PEFT does (A random, B zero).
+
+        A is drawn from ``reinit_seed(seed + 1, layer, unload_index)``: by the kaiming kernel on the
+        fused path, by a generator seeded with it elsewhere.
+        """
+        if any(work.fills for work in self._devices):
+            from plora import kernels
+
+            for work in self._devices:
+                for fill, keys in zip(work.fills, _seed_tables(work.fills, seed + 1, unload_index, work.device)):
+                    kernels.kaiming_fill_(fill.ptrs, keys, fill.numel, fill.bound, fill.dtype)
+            for groups in self._b_filled.values():
+                for tensors, _ in groups:
+                    torch._foreach_zero_(tensors)
+        for layer in self.torch_reinit:
+            layer.reinit_(reinit_generator(seed + 1, layer.name, unload_index, layer.adapter_tensors()[0].device))
+
+    def scale_b_(self, factor: float) -> None:
+        """Multiply every adapter's output by ``factor`` (B and lora_bias), A untouched."""
+        for device, groups in self._b_all.items():
+            # CUDA's foreach kernels apply a Python number in fp32, as mul_ does; the CPU fallback
+            # would round it to bf16/fp16 first, where a 0-dim fp64 tensor gives mul_'s bits
+            scalar = factor if device.type == "cuda" else torch.tensor(factor, dtype=torch.float64)
+            for tensors, _ in groups:
+                torch._foreach_mul_(tensors, scalar)
+
+
+def _fill_groups(device: torch.device, groups: list) -> list[_FillGroup]:
+    """The kaiming re-init groups of one device's fused layers: by A's shape and dtype."""
+    from plora import kernels
+
+    by_shape: dict[tuple, list] = {}
+    for _, members in groups:
+        for layer, _, _, _ in members:
+            if layer.kind != "linear" or layer.init_mode != "kaiming":
+                continue
+            A = layer.adapter_tensors()[0]
+            if A.device == device and A.is_contiguous() and A.dtype in kernels.FACTOR_DTYPES:
+                by_shape.setdefault((tuple(A.shape), A.dtype), []).append((layer.name, A))
+    # kaiming_uniform_(a=sqrt(5)): gain sqrt(1/3), bound sqrt(3) * gain / sqrt(fan_in) = 1 / sqrt(fan_in)
+    return [
+        _FillGroup(names=[name for name, _ in members], numel=math.prod(shape), bound=1.0 / math.sqrt(shape[1]),
+                   dtype=dtype, ptrs=torch.tensor([A.data_ptr() for _, A in members], dtype=torch.int64, device=device))
+        for (shape, dtype), members in by_shape.items()
+    ]
+
+
+def _seed_tables(groups: list, seed: int, unload_index: int, device: torch.device) -> list[torch.Tensor]:
+    """Per group, its layers' ``reinit_seed`` as an int64 device tensor: one host-to-device copy in all."""
+    if not groups:
+        return []
+    seeds = [reinit_seed(seed, name, unload_index) for group in groups for name in group.names]
+    table = torch.tensor(seeds, dtype=torch.int64, pin_memory=device.type == "cuda")
+    table = table.to(device, non_blocking=True)
+    return list(table.split([len(group.names) for group in groups]))
+
+
+def _by_device_and_dtype(items) -> dict:
+    """{device: [(tensors, tags) per dtype]} from (tensor, tag) pairs: the foreach ops' grouping."""
+    groups: dict = {}
+    for t, tag in items:
+        tensors, tags = groups.setdefault(t.device, {}).setdefault(t.dtype, ([], []))
+        tensors.append(t.detach())
+        tags.append(tag)
+    return {device: list(by_dtype.values()) for device, by_dtype in groups.items()}

@@ -1,0 +1,340 @@
+"""The unload plan (plora.unload_plan): grouping, revalidation, the fused path end to end, and the
+optimizer reset.
+
+The fused path runs on CUDA: on a CUDA machine its checks run on the GPU, in this process; without
+CUDA they run in triton's CPU interpreter, in a subprocess (see ``interpreter``), with
+``plora.unload_plan._HOST_KERNELS`` routing CPU bf16 weights through the kernels. The rest runs in
+process.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+import interpreter
+import plora
+from plora import PeriodicUnloader, PLoRAConfig
+from plora.layers import adapted_layers, reinit_seed
+from plora.optim import reset_adapter_state
+from plora.unload import UnloadPlan
+from toys import randomise_adapters_, toy_inputs, toy_peft
+
+MODES = ("direct", "compensated", "stochastic")
+
+
+class Stack(nn.Module):
+    """Three 48x48 layers, two 32x48 layers, one 48x32 layer: groups of several layers and of one."""
+
+    def __init__(self, tied=False):
+        super().__init__()
+        self.square = nn.ModuleList(nn.Linear(48, 48) for _ in range(3))
+        self.narrow = nn.ModuleList(nn.Linear(48, 32) for _ in range(2))
+        self.wide = nn.Linear(32, 48)
+        if tied:  # two adapted layers on one weight, as tied embeddings would give
+            self.square[1].weight = self.square[0].weight
+
+    def forward(self, x):
+        for layer in self.square:
+            x = torch.tanh(layer(x))
+        return self.wide(sum(layer(x) for layer in self.narrow))
+
+
+class GPT2Stack(nn.Module):
+    """Three transformers Conv1D layers: fan_in_fan_out, so the factors are transposed views."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        self.proj = nn.ModuleList(Conv1D(20, 20) for _ in range(3))
+
+    def forward(self, x):
+        for layer in self.proj:
+            x = layer(x)
+        return x
+
+
+def stack_peft(device, tied=False):
+    torch.manual_seed(0)
+    targets = ["square.0", "square.1", "square.2", "narrow.0", "narrow.1", "wide"]
+    model = get_peft_model(Stack(tied), LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    randomise_adapters_(model, 0, scale=0.1)
+    return model.to(device, torch.bfloat16)
+
+
+def gpt2_stack_peft(device):
+    torch.manual_seed(0)
+    model = get_peft_model(GPT2Stack(), LoraConfig(r=3, target_modules=["proj.0", "proj.1", "proj.2"],
+                                                   fan_in_fan_out=True))
+    randomise_adapters_(model, 0, scale=0.1)
+    return model.to(device, torch.bfloat16)
+
+
+def _weights(model):
+    return {layer.name: layer.weight.detach().clone() for layer in adapted_layers(model)}
+
+
+# --- in triton's interpreter: the fused path ---------------------------------------------------
+
+
+def _per_layer_reference(model, momentum, mode, seed, unload_index):
+    """Weights and residuals after updating each layer alone with ``kernels.fused_update_``."""
+    from plora.kernels import fused_update_
+
+    weights, residuals = {}, {}
+    for layer in adapted_layers(model):
+        W = layer.weight.detach().clone()
+        res = torch.zeros_like(W) if mode == "compensated" else None
+        L, R = layer.factors()
+        fused_update_(W.view(W.shape[0], -1), L.detach(), R.detach(), momentum * layer.scaling, mode, res,
+                      seed=reinit_seed(seed, layer.name, unload_index))
+        weights[layer.name], residuals[layer.name] = W, res
+    return weights, residuals
+
+
+def check_grouped_unload_equals_per_layer_kernel(device):
+    """Through the plan, every weight (and residual) gets the per-layer kernel's bits."""
+    for build, groups in ((stack_peft, 3), (gpt2_stack_peft, 1)):
+        for mode in MODES:
+            for momentum in (1.0, 0.5):
+                model = build(device)
+                want_w, want_r = _per_layer_reference(model, momentum, mode, seed=7, unload_index=3)
+                plan, residuals = UnloadPlan(adapted_layers(model)), {}
+                stats = plora.unload_(model, momentum, merge_precision=mode, seed=7, unload_index=3,
+                                      residuals=residuals, plan=plan)
+                assert len(plan._devices[0].updates) == groups and not plan.torch_work
+                for layer in adapted_layers(model):
+                    assert torch.equal(layer.weight, want_w[layer.name]), (build.__name__, mode, layer.name)
+                    if mode == "compensated":
+                        assert torch.equal(residuals[layer.name], want_r[layer.name])
+                assert stats.layers == 6 if build is stack_peft else 3
+                assert stats.landed_share == pytest.approx(1.0, abs=0.05 if mode == "stochastic" else 1e-3)
+
+
+def check_fused_unload_keeps_the_output(device):
+    """The model's output is unchanged by a fused unload, with fused, embedding and torch-path layers mixed."""
+    for momentum in (1.0, 0.3):
+        model = toy_peft(torch.bfloat16).to(device)  # emb, up, down fused; conv on the torch path
+        plan = UnloadPlan(adapted_layers(model))
+        tokens, image = (t.to(device) for t in toy_inputs())
+        y0, c0 = model(tokens, image.bfloat16())
+        w0 = _weights(model)
+        plora.unload_(model, momentum, residuals={}, plan=plan)
+        assert [layer.kind for layer, _, _ in plan.torch_work] == ["conv"]
+        y1, c1 = model(tokens, image.bfloat16())
+        for before, after in ((y0, y1), (c0, c1)):
+            assert (before.float() - after.float()).abs().max().item() <= 3e-2 * max(1.0, before.abs().max().item())
+        assert all(not torch.equal(w0[layer.name], layer.weight) for layer in adapted_layers(model))
+        if momentum < 1:  # B scaled by 1 - m on every layer, embedding and conv included
+            ref = toy_peft(torch.bfloat16).to(device)
+            for layer, r in zip(adapted_layers(model), adapted_layers(ref)):
+                for b, b_ref in zip(layer.b_tensors(), r.b_tensors()):
+                    assert torch.equal(b, b_ref * (1 - momentum))
+
+
+def check_fused_reinit(device):
+    """Momentum 1: A drawn by the kaiming kernel from reinit_seed(seed + 1, layer, index), B zero."""
+    from plora.kernels import kaiming_fill_
+
+    def a_after(seed, index):
+        model = stack_peft(device)
+        plora.unload_(model, 1.0, seed=seed, unload_index=index)
+        for layer in adapted_layers(model):
+            assert torch.count_nonzero(layer.module.lora_B["default"].weight) == 0
+            assert torch.count_nonzero(layer.delta_weight()) == 0
+        return {layer.name: layer.module.lora_A["default"].weight.clone() for layer in adapted_layers(model)}
+
+    first, again = a_after(0, 3), a_after(0, 3)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    other_seed, other_index = a_after(1, 3), a_after(0, 4)
+    assert all(not torch.equal(first[k], other_seed[k]) for k in first)
+    assert all(not torch.equal(first[k], other_index[k]) for k in first)
+    values = list(first.values())
+    assert not torch.equal(values[0], values[1])  # layers of one shape draw different A
+    for name, A in first.items():
+        bound = 1 / math.sqrt(A.shape[1])
+        assert (A.float().abs() <= bound * (1 + 2.0**-8)).all() and torch.count_nonzero(A) == A.numel()
+        want = torch.empty_like(A)
+        table = torch.tensor([[want.data_ptr()], [reinit_seed(1, name, 3)]], device=device)
+        kaiming_fill_(table[0], table[1], A.numel(), bound, A.dtype)
+        assert torch.equal(A, want)  # the documented stream: the kernel's hash of reinit_seed(seed + 1, ...)
+
+
+def check_tied_weights_are_updated_in_turn(device):
+    """Two layers on one weight go into separate launches: both updates land, as one after the other."""
+    model = stack_peft(device, tied=True)
+    layers = adapted_layers(model)
+    assert layers[0].weight is layers[1].weight
+    want, _ = _per_layer_reference(model, 1.0, "direct", 0, 0)
+    from plora.kernels import fused_update_
+
+    W = want[layers[0].name]  # layer 0's update, then layer 1's on top
+    L, R = layers[1].factors()
+    fused_update_(W, L.detach(), R.detach(), layers[1].scaling, "direct")
+    plan = UnloadPlan(layers)
+    plora.unload_(model, 1.0, merge_precision="direct", plan=plan)
+    assert torch.equal(layers[0].weight, W)
+    assert len(plan._devices[0].updates) == 4  # the second layer on the weight has a launch of its own
+
+
+def check_plan_follows_new_storage(device):
+    """A weight given new storage between unloads is the one the next unload updates."""
+    model = stack_peft(device)
+    plan, residuals = UnloadPlan(adapted_layers(model)), {}
+    plora.unload_(model, 0.5, residuals=residuals, plan=plan)
+    layer = adapted_layers(model)[0]
+    old = layer.weight.data
+    layer.weight.data = old.clone()  # what model.to() or a load does to a parameter
+    frozen = old.clone()
+    before = layer.weight.detach().clone()
+    plora.unload_(model, 0.5, residuals=residuals, plan=plan)
+    assert torch.equal(old, frozen)  # the stale storage is untouched
+    assert not torch.equal(layer.weight, before)  # the live one took the update
+
+
+def check_nonfinite_layer_is_skipped_on_the_fused_path(device):
+    model = stack_peft(device)
+    w0 = _weights(model)
+    bad = adapted_layers(model)[2]
+    with torch.no_grad():
+        bad.module.lora_A["default"].weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError):
+        plora.unload_(model, 1.0)
+    assert all(torch.equal(w0[layer.name], layer.weight) for layer in adapted_layers(model))
+    with pytest.warns(UserWarning, match="skipped 1 layer"):
+        stats = plora.unload_(model, 1.0, on_nonfinite="skip")
+    assert stats.skipped == [bad.name] and stats.layers == 5
+    assert all(torch.equal(w0[layer.name], layer.weight) == (layer.name == bad.name)
+               for layer in adapted_layers(model))
+
+
+CHECKS = [
+    check_grouped_unload_equals_per_layer_kernel,
+    check_fused_unload_keeps_the_output,
+    check_fused_reinit,
+    check_tied_weights_are_updated_in_turn,
+    check_plan_follows_new_storage,
+    check_nonfinite_layer_is_skipped_on_the_fused_path,
+]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__)
+def test_fused_path_on_cuda(check):
+    pytest.importorskip("triton")
+    check("cuda")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: the fused path is tested on the GPU")
+def test_fused_path_in_interpreter():
+    pytest.importorskip("triton")
+    interpreter.run_script(__file__)
+
+
+# --- in process: revalidation and the optimizer reset -------------------------------------------
+
+
+def _count_builds(monkeypatch) -> list:
+    builds = []
+    real = UnloadPlan._build
+    monkeypatch.setattr(UnloadPlan, "_build", lambda self, *a: builds.append(1) or real(self, *a))
+    return builds
+
+
+def test_plan_is_rebuilt_only_when_something_changed(monkeypatch):
+    builds = _count_builds(monkeypatch)
+    model = toy_peft(torch.bfloat16)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    u = PeriodicUnloader(model, opt, PLoRAConfig(unload_every=1, momentum=0.5))
+    u.unload()
+    u.unload()
+    assert len(builds) == 1  # the first unload built it (and the residual buffers), the second reused it
+    layer = u.layers[1]
+    layer.weight.data = layer.weight.data.clone()  # new storage
+    u.unload()
+    assert len(builds) == 2
+    u.load_state_dict(u.state_dict())  # new residual buffers
+    u.unload()
+    assert len(builds) == 3
+    layer.module.scaling["default"] *= 2  # another scaling
+    u.unload()
+    assert len(builds) == 4
+    u.config.momentum = 0.25  # another alpha for every layer
+    u.unload()
+    assert len(builds) == 5
+
+
+def test_cached_plan_gives_the_throwaway_plans_result():
+    results = []
+    for cached in (True, False):
+        model = toy_peft(torch.bfloat16)
+        plan = UnloadPlan(adapted_layers(model)) if cached else None
+        residuals = {}
+        for i in range(3):
+            randomise_adapters_(model, seed=i)
+            plora.unload_(model, 1.0 if i % 2 else 0.5, unload_index=i, residuals=residuals, plan=plan)
+        results.append([t.clone() for t in model.state_dict().values()] + list(residuals.values()))
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def _old_reset(optimizer, params):
+    """The per-tensor reset that the foreach one replaces."""
+    for p in params:
+        state = optimizer.state.get(p)
+        for key, value in list((state or {}).items()):
+            if isinstance(value, torch.Tensor):
+                value.zero_()
+            elif key == "step" and isinstance(value, (int, float)):
+                state[key] = type(value)(0)
+
+
+@pytest.mark.parametrize("make_opt", [
+    lambda ps: torch.optim.AdamW(ps, lr=1e-2),
+    lambda ps: torch.optim.AdamW(ps, lr=1e-2, foreach=False),
+    lambda ps: torch.optim.AdamW(ps, lr=1e-2, fused=True),
+    lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9),
+], ids=["adamw", "adamw-single", "adamw-fused", "sgd-momentum"])
+def test_foreach_reset_equals_per_tensor_reset(make_opt):
+    def trained():
+        model = toy_peft()
+        extra = model.base_model.model.conv.base_layer.bias
+        extra.requires_grad_(True)  # a non-adapter parameter with state of its own
+        opt = make_opt([p for p in model.parameters() if p.requires_grad])
+        for _ in range(2):
+            tokens, image = toy_inputs()
+            y, c = model(tokens, image)
+            (y.square().mean() + c.square().mean()).backward()
+            opt.step()
+            opt.zero_grad()
+        adapter = [t for layer in adapted_layers(model) for t in layer.adapter_tensors()]
+        opt.state[adapter[0]]["step"] = 7  # a plain-number counter, as some optimizers keep
+        return opt, adapter
+
+    new_opt, adapter = trained()
+    old_opt, old_adapter = trained()
+    ids = {key: id(value) for key, value in new_opt.state[adapter[1]].items()}
+    assert reset_adapter_state(new_opt, adapter, "reset") == len(adapter)
+    _old_reset(old_opt, old_adapter)
+    new_sd, old_sd = new_opt.state_dict()["state"], old_opt.state_dict()["state"]
+    assert new_sd.keys() == old_sd.keys()
+    for i in new_sd:
+        for key, value in new_sd[i].items():
+            old = old_sd[i][key]
+            if isinstance(value, torch.Tensor):
+                assert value.dtype == old.dtype and value.device == old.device and torch.equal(value, old), (i, key)
+            else:
+                assert type(value) is type(old) and value == old, (i, key)
+    assert {key: id(value) for key, value in new_opt.state[adapter[1]].items()} == ids  # zeroed in place
+
+
+if __name__ == "__main__":
+    from plora import unload_plan
+
+    unload_plan._HOST_KERNELS = True
+    sys.exit(interpreter.main(CHECKS))
