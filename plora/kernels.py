@@ -34,8 +34,10 @@ an H200): less than rounding ``d`` once to bf16 (2^-9). Three passes (``tf32x3``
 
 Triton is optional: this module imports it, and ``plora.unload_plan`` imports this module only when
 a CUDA weight is unloaded, so ``import plora`` never needs triton. Without triton (or off CUDA)
-``fused_available`` is False and the unload keeps its torch path. With ``TRITON_INTERPRET=1`` set
-before this module is imported, the kernels run on CPU tensors in triton's interpreter (for tests).
+``fused_available`` is False and the unload keeps its torch path; ``PLORA_DISABLE_TRITON=1`` in
+the environment forces that path (an escape hatch should a triton build misbehave). With
+``TRITON_INTERPRET=1`` set before this module is imported, the kernels run on CPU tensors in
+triton's interpreter (for tests).
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ _MODE_ID = {mode: i for i, mode in enumerate(MODES)}
 
 
 try:  # optional: torch's CUDA wheels ship triton; without it the unload keeps its torch path
+    if os.environ.get("PLORA_DISABLE_TRITON", "0") not in ("", "0"):
+        raise ImportError("PLORA_DISABLE_TRITON is set")
     import triton
     import triton.language as tl
 except Exception:  # ImportError, or a broken install
