@@ -70,7 +70,13 @@ def fused_ok(layer: AdaptedLayer, residual: torch.Tensor | None = None) -> bool:
                                      and residual.device == W.device and residual.is_contiguous()):
         return False
     L, R = layer.factors()
-    return L.dtype == R.dtype and L.dtype in kernels.FACTOR_DTYPES and L.device == R.device == W.device
+    return (L.dtype == R.dtype and L.dtype in kernels.FACTOR_DTYPES and L.device == R.device == W.device
+            and all(_aligned(t) for t in (W, L, R, residual) if t is not None))
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    """16-byte aligned data: the grouped kernels promise the compiler so, for vector loads and stores."""
+    return t.data_ptr() % 16 == 0
 
 
 @dataclass
@@ -276,7 +282,7 @@ def _fill_groups(device: torch.device, groups: list) -> list[_FillGroup]:
             if layer.kind != "linear" or layer.init_mode != "kaiming":
                 continue
             A = layer.adapter_tensors()[0]
-            if A.device == device and A.is_contiguous() and A.dtype in kernels.FACTOR_DTYPES:
+            if A.device == device and A.is_contiguous() and A.dtype in kernels.FACTOR_DTYPES and _aligned(A):
                 by_shape.setdefault((tuple(A.shape), A.dtype), []).append((layer.name, A))
     # kaiming_uniform_(a=sqrt(5)): gain sqrt(1/3), bound sqrt(3) * gain / sqrt(fan_in) = 1 / sqrt(fan_in)
     return [
