@@ -162,7 +162,6 @@ def copy_bandwidth(clock, device, elements):
     dst = torch.empty_like(src)
     seconds, _, _ = clock.measure(lambda: dst.copy_(src), reps=20, warmup=3)
     nbytes = 2 * src.numel() * src.element_size()
-    del src, dst
     return nbytes / seconds, seconds, nbytes
 
 
@@ -204,7 +203,6 @@ def optimizer_reset(layers, device, clock, args):
     synced, _, _ = clock.measure(reset, None, args.reps, args.warmup)
     host = clock.host(reset, None, args.reps, args.warmup)
     tensors = sum(torch.is_tensor(v) for p in params for v in opt.state[p].values())
-    del opt
     return {"ms": synced * 1e3, "host_us_per_layer": host * 1e6 / len(layers), "state_tensors": tensors}
 
 

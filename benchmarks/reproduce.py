@@ -289,6 +289,11 @@ class Driver:
         gpu = min(load, key=load.get)
         return gpu if load[gpu] < self.args.per_gpu else None
 
+    def held_back(self) -> bool:
+        """Whether jobs wait only because every GPU is held (``--hold``) and time is left."""
+        held = all(any(g == gpu and Path(flag).exists() for g, flag in self.args.hold) for gpu in self.args.gpus)
+        return held and self.left_s() > 0 and bool(self.candidates())
+
     def left_s(self) -> float:
         return self.args.deadline_s - (time.time() - self.t0)
 
@@ -387,7 +392,7 @@ class Driver:
                 self.start(job, gpu)
                 started = True
             self.write_status()
-            if not self.running and not started:
+            if not self.running and not started and not self.held_back():
                 break
             time.sleep(2)
         self.write_status(final=True)

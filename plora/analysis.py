@@ -81,10 +81,13 @@ class _Entry:
         self.adapted = adapted  # plora.layers.AdaptedLayer or None
         self.default = default  # part of a full model's default snapshot (Linear layers)
 
-    def current(self, device: torch.device) -> torch.Tensor:
-        """W_now in float32 on ``device``: base weight plus the adapter's not-yet-unloaded update."""
+    def current(self, device: torch.device, residuals: dict | None = None) -> torch.Tensor:
+        """W_now in float32 on ``device``: base weight plus the adapter's not-yet-unloaded update,
+        plus the layer's compensated-merge residual (what bf16 rounding held back) when given."""
         w = self.weight.detach().to(device=device, dtype=torch.float32, copy=True)
         layer = self.adapted
+        if layer is not None and residuals and residuals.get(layer.name) is not None:
+            w += residuals[layer.name].detach().to(device=device, dtype=torch.float32).view_as(w)
         if layer is not None:
             if layer.kind in ("linear", "embedding"):
                 # Compute in float32 from the factors: PEFT's get_delta_weight rounds to the
@@ -165,12 +168,15 @@ def accumulated_update(
     *,
     adapter_name: str | None = None,
     device: str | torch.device | None = None,
+    residuals: dict[str, torch.Tensor] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(key, ΔW)`` with ``ΔW = W_now - W_start`` in float32, one layer at a time.
 
     For a LoRA layer ``W_now`` includes the adapter's current, not yet unloaded update, so plain
-    LoRA shows its rank-r update and PLoRA the sum of all its stages. ``ΔW`` is computed on
-    ``device`` (default: the weight's own device, so a GPU model is analysed on the GPU).
+    LoRA shows its rank-r update and PLoRA the sum of all its stages. ``residuals`` are PLoRA's
+    compensated-merge buffers (``PeriodicUnloader.residuals``): with them, a bf16 model's update is
+    measured without the full-rank rounding noise that bf16 weights alone carry. ``ΔW`` is
+    computed on ``device`` (default: the weight's own device, so a GPU model is analysed on the GPU).
     """
     if not start:
         raise UserError("accumulated_update: the snapshot is empty; take it with analysis.snapshot(model)")
@@ -186,7 +192,7 @@ def accumulated_update(
             )
         dev = torch.device(device) if device is not None else entry.weight.device
         with torch.no_grad():
-            delta = entry.current(dev)
+            delta = entry.current(dev, residuals)
             delta -= w0.to(device=dev, dtype=torch.float32)
         yield key, delta
 
@@ -291,6 +297,7 @@ def update_report(
     rtol: float | None = None,
     adapter_name: str | None = None,
     device: str | torch.device | None = None,
+    residuals: dict[str, torch.Tensor] | None = None,
 ) -> dict:
     """Per-layer rank measures of the accumulated update plus aggregates, as a JSON-ready dict.
 
@@ -306,7 +313,8 @@ def update_report(
     ``singular_values`` keeps the ``top_k`` largest (None keeps all). ``max_layers`` analyses
     that many layers evenly spaced over depth. ``headline_rank`` names the measure to quote:
     ``numerical_rank`` when every analysed weight is float32/float64, else ``energy_rank_99``
-    (rounding noise of low-precision weights inflates the numerical rank).
+    (rounding noise of low-precision weights inflates the numerical rank). ``residuals``: see
+    :func:`accumulated_update`.
     """
     if top_k is not None and top_k < 0:
         raise UserError(f"update_report: top_k must be >= 0 or None, got {top_k}")
@@ -315,7 +323,7 @@ def update_report(
     rows: list[dict] = []
     low_precision = False
     for key, delta in accumulated_update(model, {k: start[k] for k in keys},
-                                         adapter_name=adapter_name, device=device):
+                                         adapter_name=adapter_name, device=device, residuals=residuals):
         try:
             s = spectrum(delta)
         except ValueError as exc:

@@ -78,15 +78,17 @@ class RankTracker(TrainerCallback):
     """Every ``every`` steps, the mean effective and numerical rank of the accumulated update
     over ``layers`` sampled layers, as a ``"kind": "rank"`` metrics line."""
 
-    def __init__(self, start: dict, every: int, layers: int, path: Path):
+    def __init__(self, start: dict, every: int, layers: int, path: Path, residuals=None):
         self.start, self.every, self.layers, self.path = start, every, layers, Path(path)
+        self.residuals = residuals  # () -> PLoRA's compensated-merge residuals (or None)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step % self.every:
             return
         from plora.analysis import update_report
 
-        agg = update_report(model, self.start, max_layers=self.layers, top_k=0)["aggregate"]
+        residuals = self.residuals() if self.residuals is not None else None
+        agg = update_report(model, self.start, max_layers=self.layers, top_k=0, residuals=residuals)["aggregate"]
         row = {"kind": "rank", "step": state.global_step,
                "effective_rank": agg["effective_rank"]["mean"], "numerical_rank": agg["numerical_rank"]["mean"],
                "energy_rank_99": agg["energy_rank_99"]["mean"]}

@@ -217,7 +217,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
         plora_cb = PLoRACallback(cfg.plora.to_plora_config(cfg.seed))
         callbacks.insert(0, plora_cb)
     if start is not None and cfg.eval.rank_every > 0:
-        callbacks.append(RankTracker(start, cfg.eval.rank_every, cfg.eval.rank_layers, run_dir / "metrics.jsonl"))
+        callbacks.append(RankTracker(start, cfg.eval.rank_every, cfg.eval.rank_layers, run_dir / "metrics.jsonl",
+                                     residuals=lambda: _residuals(plora_cb)))
     if progress:
         callbacks.append(ProgressBar())
     callbacks.extend(extra_callbacks or [])
@@ -249,7 +250,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
     if start is not None:
         from plora.analysis import update_report
 
-        report = update_report(model, start)
+        report = update_report(model, start, residuals=_residuals(plora_cb))
         (run_dir / "spectra.json").write_text(json.dumps(report))
         agg = report["aggregate"]
         summary.update(numerical_rank=agg["numerical_rank"]["mean"], effective_rank=agg["effective_rank"]["mean"],
@@ -306,6 +307,12 @@ def _finalise_model(model, cfg: TrainConfig, run_dir: Path, tokenizer, plora_cb)
     model.save_pretrained(run_dir / "model")
     tokenizer.save_pretrained(run_dir / "model")
     return model
+
+
+def _residuals(plora_cb) -> dict | None:
+    """The compensated-merge residuals of a PLoRA run (they belong to its weight state), else None."""
+    unloader = getattr(plora_cb, "unloader", None)
+    return unloader.residuals if unloader is not None else None
 
 
 def _tokens_per_s(trainer, seconds: float) -> float | None:

@@ -180,3 +180,28 @@ def test_bf16_weights_headline_is_energy_rank():
     assert rep["aggregate"]["headline_rank"] == "energy_rank_99"
     assert rep["layers"][0]["weight_dtype"] == "bfloat16"
     assert rep["layers"][0]["energy_rank_99"] <= 4
+
+
+def test_compensated_residuals_remove_the_rounding_noise_from_the_rank():
+    """bf16 PLoRA: W alone carries full-rank rounding noise; W + the residual is the true low-rank sum."""
+    from plora.unload import unload_
+
+    r, unloads = 2, 3
+    model = lora_model(r).to(torch.bfloat16)
+    start = analysis.snapshot(model, dtype=None)
+    residuals: dict = {}
+    g = torch.Generator().manual_seed(0)
+    for i in range(unloads):
+        with torch.no_grad():
+            for layer in adapted_layers(model):  # a trained-looking adapter: small update
+                for t in layer.adapter_tensors():
+                    t.copy_(torch.randn(t.shape, generator=g) * 0.02)
+        unload_(model, 1.0, merge_precision="compensated", residuals=residuals, unload_index=i)
+    k = r * unloads  # the true rank: the re-initialised adapter (B = 0) adds nothing yet
+    for res, floor in ((None, (1e-2, 1.0)), (residuals, (0.0, 1e-3))):
+        for key, delta in analysis.accumulated_update(model, start, residuals=res):
+            s = analysis.spectrum(delta)
+            tail = float(s[k] / s[0])  # the largest singular value beyond the true rank, relative
+            assert floor[0] < tail < floor[1], (key, res is not None, tail)
+    clean = analysis.update_report(model, start, residuals=residuals)["aggregate"]["effective_rank"]["max"]
+    assert clean <= k

@@ -136,3 +136,13 @@ def test_train_command_flattens_overrides(tmp_path):
 def test_malformed_plans_are_refused(tmp_path, text, message):
     with pytest.raises(ValueError, match=message):
         R.load_plan(_write(tmp_path, text))
+
+
+def test_a_held_gpu_makes_the_plan_wait_not_end(tmp_path):
+    d = _driver(tmp_path)
+    flag = tmp_path / "bench.running"
+    flag.write_text("")
+    d.args.hold = [("0", str(flag))]
+    assert d.free_gpu() is None and d.held_back()  # the bug this guards: the plan ended at once
+    flag.unlink()
+    assert d.free_gpu() == "0" and not d.held_back()
