@@ -105,9 +105,11 @@ def delta_table(out: Path, status: dict, pairs: list[tuple[str, str]]) -> list[s
     for name, ref in pairs:
         a = run_values(out / status["resolved"].get(name, name))
         b = run_values(out / status["resolved"].get(ref, ref))
+        if a is None or b is None:
+            continue  # not run (yet): listed under "Not run"
         cells = []
         for _, key, fmt, _ in METRICS:
-            if a is None or b is None or a.get(key) is None or b.get(key) is None:
+            if a.get(key) is None or b.get(key) is None:
                 cells.append("—")
             else:
                 d = a[key] - b[key]
@@ -146,8 +148,8 @@ def main(argv=None) -> int:
     ) if n in names and ref in names]
     parts += ["## One change at a time (difference from the reference run; + is higher)", "",
               *delta_table(args.out, status, pairs), ""]
-    not_run = status.get("waiting", []) + status.get("ready_not_started", [])
-    parts += ["## Not run (deadline)", "", ", ".join(not_run) if not_run else "none", ""]
+    not_run = list(dict.fromkeys(status.get("waiting", []) + status.get("ready_not_started", [])))
+    parts += ["## Not run (deadline)", "", ", ".join(not_run) if not_run else "none", ""]  # names, or "eval X"
     if status.get("failed"):
         parts += ["## Failed", "", *[f"- {k}: {v}" for k, v in status["failed"].items()], ""]
     print("\n".join(parts))
