@@ -148,3 +148,36 @@ def test_a_held_gpu_makes_the_plan_wait_not_end(tmp_path):
     assert d.free_gpu() is None and d.held_back()  # the bug this guards: the plan ended at once
     flag.unlink()
     assert d.free_gpu() == "0" and not d.held_back()
+
+
+def test_report_tables_from_a_plan_folder(tmp_path, capsys):
+    """reproduce_report reads what the driver wrote: sweep winner in bold, seeds as mean ± sd, differences."""
+    import json
+
+    spec = importlib.util.spec_from_file_location("reproduce_report", ROOT / "benchmarks" / "reproduce_report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("""
+runs:
+  - {name: lora-r8, sweep_lr: [1.0e-4, 1.0e-3], overrides: {method: lora}}
+  - {name: lora-r8-seed1, base: lora-r8, overrides: {seed: 1}}
+  - {name: full, overrides: {method: full}}
+""")
+    out = tmp_path / "out"
+    runs = {"lora-r8-lr0.0001": 0.8, "lora-r8-lr0.001": 0.6, "lora-r8-seed1": 0.62, "full": 0.5}
+    for name, loss in runs.items():
+        (out / name).mkdir(parents=True)
+        (out / name / "summary.json").write_text(json.dumps(
+            {"name": name, "heldout_loss": loss, "base_train_loss": 1.0, "final_train_loss": loss - 0.1,
+             "gsm8k_acc": 0.04 if name == "full" else 0.03}))
+        (out / name / "config.yaml").write_text("lr: 0.001\n")
+    (out / "plan_status.json").write_text(json.dumps(
+        {"resolved": {"lora-r8": "lora-r8-lr0.001"}, "waiting": [], "ready_not_started": ["eval full"],
+         "failed": {}}))
+    assert report.main([str(out), "--plan", str(plan)]) == 0
+    text = capsys.readouterr().out
+    assert "0.0001: 0.8000, **0.001: 0.6000**" in text
+    assert "| LoRA r=8: lora-r8-lr0.001, lora-r8-seed1 | 0.6100 ± 0.0141 (n=2)" in text
+    assert "| full | lora-r8-lr0.001 | -0.1000 |" in text and "+1.0 pt" in text
+    assert "eval full" in text.split("## Not run")[1]
