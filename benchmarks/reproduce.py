@@ -44,7 +44,10 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-POINT_KEYS = ("unload_every", "stages", "unload_every_epochs")
+sys.path.insert(0, str(ROOT))
+
+from plora.train_config import merge  # noqa: E402  (plan settings merge as config overrides do)
+
 DEFAULT_SECONDS = {"train": 300.0, "eval": 200.0}
 
 
@@ -84,7 +87,7 @@ def load_plan(path: Path) -> tuple[dict, list[Entry]]:
                       best_of=raw.get("best_of"), test=bool(raw.get("test", True)))
         if entry.sweep_lr:
             children = [Entry(name=f"{entry.name}-lr{lr:g}", priority=i, base=entry.base,
-                              overrides=_merge(entry.overrides, {"lr": float(lr)}), sweep_of=entry.name)
+                              overrides=merge(entry.overrides, {"lr": float(lr)}), sweep_of=entry.name)
                         for lr in entry.sweep_lr]
             entries += children
             entry.best_of = [c.name for c in children]
@@ -98,20 +101,6 @@ def load_plan(path: Path) -> tuple[dict, list[Entry]]:
             if ref is not None and ref not in names:
                 raise ValueError(f"{path}: run {e.name!r} refers to unknown run {ref!r}")
     return plan, entries
-
-
-def _merge(a: dict, b: dict) -> dict:
-    """Deep merge; a child that picks an unloading point drops the parent's other points."""
-    out = dict(a)
-    for key, value in b.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            parent = out[key]
-            if key == "plora" and set(value) & set(POINT_KEYS):
-                parent = {k: v for k, v in parent.items() if k not in POINT_KEYS}
-            out[key] = _merge(parent, value)
-        else:
-            out[key] = value
-    return out
 
 
 def flatten(overrides: dict, prefix: str = "") -> list[str]:
@@ -186,7 +175,7 @@ class Driver:
         fixed = {"output_dir": str(self.out / name), "data_limit": self.fit_records}
         if self.args.model:
             fixed["model"] = self.args.model
-        full = self.fill(_merge(_merge(self.plan.get("common") or {}, overrides), fixed))
+        full = self.fill(merge(merge(self.plan.get("common") or {}, overrides), fixed))
         return [sys.executable, "-m", "plora.cli", "train", "--recipe", self.plan.get("recipe", "gsm8k"),
                 "--quiet", "--overwrite", *flatten(full)]
 
@@ -236,7 +225,7 @@ class Driver:
             if run is None:
                 return None
             base = self.settings[run]
-        overrides = _merge(base, e.overrides)
+        overrides = merge(base, e.overrides)
         if e.lr_from:
             run = self.resolve(e.lr_from)
             if run is None:

@@ -197,12 +197,20 @@ def parse_overrides(tokens: list[str]) -> dict:
     return out
 
 
+UNLOAD_POINTS = ("unload_every", "stages", "unload_every_epochs")
+
+
 def merge(base: dict, extra: dict) -> dict:
+    """``extra`` over ``base``, section by section. PLoRA's unloading points are one choice: an
+    ``extra`` that names one of them replaces whichever ``base`` named (they exclude each other)."""
     out = dict(base)
     for key, value in extra.items():
         key = key.replace("-", "_")
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
+            parent = out[key]
+            if key == "plora" and {k.replace("-", "_") for k in value} & set(UNLOAD_POINTS):
+                parent = {k: v for k, v in parent.items() if k.replace("-", "_") not in UNLOAD_POINTS}
+            out[key] = merge(parent, value)
         else:
             out[key] = value
     return out
@@ -210,10 +218,6 @@ def merge(base: dict, extra: dict) -> dict:
 
 def build_config(recipe: str | None, overrides: dict) -> TrainConfig:
     data = read_recipe(recipe) if recipe else {}
-    # plora unloading points: an override of one replaces the recipe's choice of another
-    points = {"unload_every", "stages", "unload_every_epochs"}
-    if points & set(overrides.get("plora", {})) and isinstance(data.get("plora"), dict):
-        data = dict(data, plora={k: v for k, v in data["plora"].items() if k not in points})
     cfg = _from_dict(TrainConfig, merge(data, overrides), "")
     cfg.validate()
     return cfg

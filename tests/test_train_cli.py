@@ -7,7 +7,7 @@ import torch
 import yaml
 
 from plora.cli import main
-from plora.train_config import build_config, recipe_names
+from plora.train_config import build_config, merge, recipe_names
 
 FAST = ["--max_steps", "6", "--batch_size", "4", "--logging_steps", "1", "--save_steps", "3",
         "--data_limit", "40", "--max_length", "512", "--eval.heldout_limit", "4", "--eval.loss_limit", "8",
@@ -168,3 +168,11 @@ def test_debug_shows_the_traceback_instead():
 
     with pytest.raises(UserError, match="method must be one of"):
         main(["train", "--method", "qlora", "--debug"])
+
+
+def test_an_override_of_one_unloading_point_replaces_the_recipes_other():
+    cfg = build_config("gsm8k", {"plora": {"unload_every": 1}})  # the recipe unloads every 0.1 epochs
+    assert cfg.plora.unload_every == 1 and cfg.plora.unload_every_epochs is None
+    assert merge({"plora": {"stages": 4, "momentum": 0.5}}, {"plora": {"unload-every": 3}}) == {
+        "plora": {"momentum": 0.5, "unload_every": 3}}
+    assert merge({"plora": {"stages": 4}}, {"plora": {"momentum": 0.5}}) == {"plora": {"stages": 4, "momentum": 0.5}}
