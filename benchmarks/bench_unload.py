@@ -49,6 +49,7 @@ import plora  # noqa: E402
 from plora.layers import adapted_layers  # noqa: E402
 from plora.optim import reset_adapter_state  # noqa: E402
 from plora.unload import UnloadPlan, _enqueue_unload  # noqa: E402
+from plora.unload_plan import fused_ok  # noqa: E402
 
 MODES = ("direct", "compensated", "stochastic")
 BYTES_PER_ELEMENT = {"direct": 4, "compensated": 8, "stochastic": 4}
@@ -212,7 +213,7 @@ def bench_model(shape, device, args, clock, copy_bps):
     elements = sum(layer.weight.numel() for layer in layers)
     largest = max(layer.weight.numel() * layer.weight.element_size() for layer in layers)
     prepare = lambda: randomise_b(model)  # noqa: E731
-    fused = device.startswith("cuda") and _fused_available(layers[0].weight)
+    fused = fused_ok(layers[0])  # the plan's own test: bf16 CUDA weight, triton importable
     rows, residual_bytes, n_layers = [], 0, len(layers)
 
     def row(name, mode, seconds, growth, targets=False, reference=None, host=None):
@@ -298,14 +299,6 @@ def bench_model(shape, device, args, clock, copy_bps):
         "rows": rows,
         "optimizer_reset": reset,
     }
-
-
-def _fused_available(weight):
-    try:
-        from plora.kernels import fused_available
-    except Exception:
-        return False
-    return fused_available(weight)
 
 
 def markdown(results) -> str:

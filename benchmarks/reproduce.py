@@ -148,8 +148,7 @@ class Driver:
         self.queued_eval: set[str] = set()
         self.running: list[Job] = []
         self.history: list[dict] = []
-        self.longest = dict(DEFAULT_SECONDS)
-        self.seen = {"train": False, "eval": False}
+        self.longest: dict[str, float] = {}  # kind -> longest job seen (DEFAULT_SECONDS until one ends)
 
     # --- paths and commands ------------------------------------------------------------------
     def fill(self, node):
@@ -268,9 +267,12 @@ class Driver:
         # evals first at equal priority: they free a model and finish a row of the report
         return sorted(jobs, key=lambda j: (j.priority, j.kind != "eval"))
 
+    def held_gpus(self) -> set[str]:
+        """GPUs whose ``--hold`` file exists: nothing starts on them."""
+        return {g for g, flag in self.args.hold if Path(flag).exists()}
+
     def free_gpu(self) -> str | None:
-        held = {g for g, flag in self.args.hold if Path(flag).exists()}
-        load = {g: 0 for g in self.args.gpus if g not in held}
+        load = {g: 0 for g in self.args.gpus if g not in self.held_gpus()}
         if not load:
             return None
         for j in self.running:
@@ -278,10 +280,9 @@ class Driver:
         gpu = min(load, key=load.get)
         return gpu if load[gpu] < self.args.per_gpu else None
 
-    def held_back(self) -> bool:
-        """Whether jobs wait only because every GPU is held (``--hold``) and time is left."""
-        held = all(any(g == gpu and Path(flag).exists() for g, flag in self.args.hold) for gpu in self.args.gpus)
-        return held and self.left_s() > 0 and bool(self.candidates())
+    def held_back(self, pending: list) -> bool:
+        """Whether ``pending`` jobs wait only because every GPU is held and time is left."""
+        return bool(pending) and self.held_gpus() >= set(self.args.gpus) and self.left_s() > 0
 
     def left_s(self) -> float:
         return self.args.deadline_s - (time.time() - self.t0)
@@ -321,8 +322,7 @@ class Driver:
         else:
             key = job.name if job.kind == "train" else f"{job.name} (eval)"
             self.failed[key] = f"{job.kind} exited with {job.proc.returncode} (see {job.log.name})"
-        self.longest[job.kind] = max(took, self.longest[job.kind]) if self.seen[job.kind] else took
-        self.seen[job.kind] = True
+        self.longest[job.kind] = max(took, self.longest.get(job.kind, 0.0))
         self.history.append({"name": job.name, "kind": job.kind, "gpu": job.gpu, "ok": ok,
                              "seconds": round(took, 1), "finished_s": round(time.time() - self.t0, 1)})
         print(f"== done {job.kind} {job.name} in {took:.0f}s: {'ok' if ok else 'FAILED'}", flush=True)
@@ -343,10 +343,8 @@ class Driver:
             if winner is not None and winner != e.name:
                 shutil.rmtree(self.out / e.name / "model", ignore_errors=True)
 
-    def write_status(self, final: bool = False) -> None:
-        pending = []
-        for j in self.candidates():
-            pending.append(f"{j.kind} {j.name}")
+    def write_status(self, pending: list, final: bool = False) -> None:
+        pending = [f"{j.kind} {j.name}" for j in pending]
         status = {
             "elapsed_s": round(time.time() - self.t0, 1),
             "final": final,
@@ -376,15 +374,16 @@ class Driver:
                 gpu = self.free_gpu()
                 if gpu is None:
                     break
-                if self.left_s() < self.longest[job.kind] * 1.15:
+                if self.left_s() < self.longest.get(job.kind, DEFAULT_SECONDS[job.kind]) * 1.15:
                     continue  # would not finish in time; a shorter job kind may still fit
                 self.start(job, gpu)
                 started = True
-            self.write_status()
-            if not self.running and not started and not self.held_back():
+            pending = self.candidates()
+            self.write_status(pending)
+            if not self.running and not started and not self.held_back(pending):
                 break
             time.sleep(2)
-        self.write_status(final=True)
+        self.write_status(self.candidates(), final=True)
         print(f"== plan finished in {time.time() - self.t0:.0f}s; failed: {self.failed or 'none'}", flush=True)
         return 0
 

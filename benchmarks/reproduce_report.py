@@ -21,12 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from plora.compare import final_train_loss, load_run  # noqa: E402
 
-METRICS = (  # (header, key, format, better)
-    ("held-out loss", "heldout_loss", "{:.4f}", "lower"),
-    ("test loss", "test_loss", "{:.4f}", "lower"),
-    ("GSM8K", "gsm8k_acc", "{:.1%}", "higher"),
-    ("MMLU (2,000)", "mmlu_acc", "{:.1%}", "higher"),
-    ("learning ability", "learning_ability", "{:.4f}", "higher"),
+METRICS = (  # (header, key, format)
+    ("held-out loss", "heldout_loss", "{:.4f}"),
+    ("test loss", "test_loss", "{:.4f}"),
+    ("GSM8K", "gsm8k_acc", "{:.1%}"),
+    ("MMLU (2,000)", "mmlu_acc", "{:.1%}"),
+    ("learning ability", "learning_ability", "{:.4f}"),
 )
 
 
@@ -38,10 +38,8 @@ def run_values(path: Path) -> dict | None:
     s = run.summary
     final, _ = final_train_loss(run)
     base = s.get("base_train_loss")
-    out = {k: s.get(k) for k in ("heldout_loss", "test_loss", "gsm8k_acc", "gsm8k_n", "mmlu_acc", "unloads",
-                                 "numerical_rank", "effective_rank", "peak_memory_bytes", "train_seconds", "steps")}
+    out = {key: s.get(key) for _, key, _ in METRICS}
     out["learning_ability"] = None if final is None or base is None else base - final
-    out["lr"] = run.config.get("lr")
     return out
 
 
@@ -88,19 +86,19 @@ def mean_sd(values: list, percent: bool = False) -> str:
 
 
 def seeds_table(out: Path, status: dict, groups: dict[str, list[str]]) -> list[str]:
-    header = "| runs | " + " | ".join(h for h, *_ in METRICS) + " |"
+    header = "| runs | " + " | ".join(h for h, _, _ in METRICS) + " |"
     lines = [header, "|" + " --- |" * (len(METRICS) + 1)]
     for label, names in groups.items():
         dirs = [status["resolved"].get(n, n) for n in names]
         vals = [run_values(out / d) for d in dirs]
         vals = [v for v in vals if v is not None]
-        cells = [mean_sd([v[key] for v in vals], "%" in fmt) for _, key, fmt, _ in METRICS]
+        cells = [mean_sd([v[key] for v in vals], "%" in fmt) for _, key, fmt in METRICS]
         lines.append(f"| {label}: {', '.join(dirs)} | " + " | ".join(cells) + " |")
     return lines
 
 
 def delta_table(out: Path, status: dict, pairs: list[tuple[str, str]]) -> list[str]:
-    header = "| change | against | " + " | ".join(f"Δ {h}" for h, *_ in METRICS) + " |"
+    header = "| change | against | " + " | ".join(f"Δ {h}" for h, _, _ in METRICS) + " |"
     lines = [header, "|" + " --- |" * (len(METRICS) + 2)]
     for name, ref in pairs:
         a = run_values(out / status["resolved"].get(name, name))
@@ -108,7 +106,7 @@ def delta_table(out: Path, status: dict, pairs: list[tuple[str, str]]) -> list[s
         if a is None or b is None:
             continue  # not run (yet): listed under "Not run"
         cells = []
-        for _, key, fmt, _ in METRICS:
+        for _, key, fmt in METRICS:
             if a.get(key) is None or b.get(key) is None:
                 cells.append("—")
             else:

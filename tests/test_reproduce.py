@@ -145,9 +145,10 @@ def test_a_held_gpu_makes_the_plan_wait_not_end(tmp_path):
     flag = tmp_path / "bench.running"
     flag.write_text("")
     d.args.hold = [("0", str(flag))]
-    assert d.free_gpu() is None and d.held_back()  # the bug this guards: the plan ended at once
+    pending = d.candidates()
+    assert d.free_gpu() is None and d.held_back(pending)  # the bug this guards: the plan ended at once
     flag.unlink()
-    assert d.free_gpu() == "0" and not d.held_back()
+    assert d.free_gpu() == "0" and not d.held_back(pending)
 
 
 def test_report_tables_from_a_plan_folder(tmp_path, capsys):
