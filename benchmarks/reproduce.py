@@ -20,7 +20,8 @@ Runs start as soon as what they refer to is resolved, highest priority first, ``
 processes at a time on each GPU (a 135M model leaves an H200 mostly idle, so runs share one).
 Every reported run (sweep winners and plain runs; ``test: false`` opts out) is then scored on
 the test set by ``plora eval``. A job is started only if it can finish before the deadline
-(judged from the longest job of its kind so far); what is left is listed as not run.
+(judged from the longest job of its kind so far, per epoch for training); what is left is listed
+as not run.
 
 Each run directory keeps what ``plora train`` writes (config, metrics, summary, spectra, loss plot)
 plus ``eval-test/`` (``plora eval``'s results); ``OUT/logs`` holds every job's output. Merged
@@ -128,6 +129,7 @@ class Job:
     proc: subprocess.Popen | None = None
     started: float = 0.0
     settings: dict | None = None  # a training job's effective overrides
+    size: float = 1.0  # its length in units of its kind's reference job (a 2-epoch run is 2)
 
 
 class Driver:
@@ -148,7 +150,7 @@ class Driver:
         self.queued_eval: set[str] = set()
         self.running: list[Job] = []
         self.history: list[dict] = []
-        self.longest: dict[str, float] = {}  # kind -> longest job seen (DEFAULT_SECONDS until one ends)
+        self.longest: dict[str, float] = {}  # kind -> longest job per unit of size (DEFAULT_SECONDS until one ends)
 
     # --- paths and commands ------------------------------------------------------------------
     def fill(self, node):
@@ -246,11 +248,17 @@ class Driver:
                 out.append((e.priority, run))
         return out
 
+    def epochs(self, overrides: dict) -> float:
+        """Training epochs of a run with ``overrides`` (the plan's common setting, else 1)."""
+        return float(merge(self.plan.get("common") or {}, overrides).get("epochs", 1))
+
     # --- scheduling ----------------------------------------------------------------------------
     def candidates(self) -> list[Job]:
-        jobs = []
-        for prio, run in self.reported_runs():
-            if run not in self.tested and run not in self.queued_eval and f"{run} (eval)" not in self.failed:
+        jobs, listed = [], set()
+        for prio, run in sorted(self.reported_runs()):
+            # two names (a run and a best_of choosing it) can stand for one run: score it once
+            if run not in self.tested | self.queued_eval | listed and f"{run} (eval)" not in self.failed:
+                listed.add(run)
                 jobs.append(Job(run, "eval", prio, self.eval_cmd(run), self.out / "logs" / f"{run}.eval.log"))
         busy = {j.name for j in self.running if j.kind == "train"}
         for e in self.entries.values():
@@ -263,7 +271,8 @@ class Driver:
                 continue
             if settings is not None:
                 jobs.append(Job(e.name, "train", e.priority, self.train_cmd(e.name, settings),
-                                self.out / "logs" / f"{e.name}.train.log", settings=settings))
+                                self.out / "logs" / f"{e.name}.train.log", settings=settings,
+                                size=self.epochs(settings) / self.epochs({})))
         # evals first at equal priority: they free a model and finish a row of the report
         return sorted(jobs, key=lambda j: (j.priority, j.kind != "eval"))
 
@@ -322,7 +331,7 @@ class Driver:
         else:
             key = job.name if job.kind == "train" else f"{job.name} (eval)"
             self.failed[key] = f"{job.kind} exited with {job.proc.returncode} (see {job.log.name})"
-        self.longest[job.kind] = max(took, self.longest.get(job.kind, 0.0))
+        self.longest[job.kind] = max(took / job.size, self.longest.get(job.kind, 0.0))
         self.history.append({"name": job.name, "kind": job.kind, "gpu": job.gpu, "ok": ok,
                              "seconds": round(took, 1), "finished_s": round(time.time() - self.t0, 1)})
         print(f"== done {job.kind} {job.name} in {took:.0f}s: {'ok' if ok else 'FAILED'}", flush=True)
@@ -374,7 +383,7 @@ class Driver:
                 gpu = self.free_gpu()
                 if gpu is None:
                     break
-                if self.left_s() < self.longest.get(job.kind, DEFAULT_SECONDS[job.kind]) * 1.15:
+                if self.left_s() < self.longest.get(job.kind, DEFAULT_SECONDS[job.kind]) * job.size * 1.15:
                     continue  # would not finish in time; a shorter job kind may still fit
                 self.start(job, gpu)
                 started = True

@@ -115,6 +115,23 @@ def test_reported_runs_are_sweep_winners_and_plain_runs(tmp_path):
     assert [run for _, run in d.reported_runs()] == ["lora-lr0.0001"]
 
 
+def test_a_run_chosen_under_two_names_is_scored_once(tmp_path):
+    d = _driver(tmp_path)
+    for name, loss in (("plora-lr0.0001", 0.8), ("plora-lr0.001", 0.9), ("plora-step", 1.0)):
+        _trained(d, name, loss)
+    assert d.resolve("plora-period") == d.resolve("plora") == "plora-lr0.0001"
+    evals = [j.name for j in d.candidates() if j.kind == "eval"]
+    assert evals.count("plora-lr0.0001") == 1
+
+
+def test_a_longer_run_is_judged_by_its_epochs(tmp_path):
+    d = _driver(tmp_path, PLAN + "  - name: lora-2ep\n    base: lora\n    overrides: {epochs: 2}\n")
+    for name in ("lora-lr0.0001", "lora-lr0.001"):
+        _trained(d, name, 1.0)
+    sizes = {j.name: j.size for j in d.candidates() if j.kind == "train"}
+    assert sizes["lora-2ep"] == 2.0 and sizes["plora-lr0.0001"] == 1.0
+
+
 def test_train_command_flattens_overrides(tmp_path):
     d = _driver(tmp_path)
     d.fit_records = 10
