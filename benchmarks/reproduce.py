@@ -320,9 +320,6 @@ class Driver:
             self.settings[job.name] = job.settings
             self.score[job.name] = summary.get("heldout_loss", float("inf"))
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-            entry = self.entries[job.name]
-            if entry.sweep_of is None and not entry.test and not self.args.keep_models:
-                shutil.rmtree(run_dir / "model", ignore_errors=True)
         elif ok:
             self.tested.add(job.name)
             add_test_results(run_dir)
@@ -337,20 +334,27 @@ class Driver:
         print(f"== done {job.kind} {job.name} in {took:.0f}s: {'ok' if ok else 'FAILED'}", flush=True)
         self.drop_unused_models()
 
+    def members(self, name: str) -> set[str]:
+        """The trained runs ``name`` may stand for (itself, or what its best_of may choose)."""
+        e = self.entries[name]
+        return {name} if e.best_of is None else set().union(*(self.members(m) for m in e.best_of))
+
+    def pending(self, name: str) -> bool:
+        try:
+            return self.resolve(name) is None
+        except KeyError:
+            return False
+
     def drop_unused_models(self) -> None:
-        """Delete merged models of sweep children that lost (they are never scored)."""
+        """Delete the merged model of every trained run that will never be scored on the test set:
+        neither reported now nor among the choices of a reported name still undecided."""
         if self.args.keep_models:
             return
         reported = {run for _, run in self.reported_runs()}
-        for e in self.entries.values():
-            if e.sweep_of is None or e.name not in self.trained or e.name in reported:
-                continue
-            try:
-                winner = self.resolve(e.sweep_of)
-            except KeyError:
-                continue
-            if winner is not None and winner != e.name:
-                shutil.rmtree(self.out / e.name / "model", ignore_errors=True)
+        undecided = set().union(*(self.members(e.name) for e in self.entries.values()
+                                  if e.test and e.sweep_of is None and self.pending(e.name)))
+        for run in self.trained - reported - undecided:
+            shutil.rmtree(self.out / run / "model", ignore_errors=True)
 
     def write_status(self, pending: list, final: bool = False) -> None:
         pending = [f"{j.kind} {j.name}" for j in pending]

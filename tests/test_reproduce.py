@@ -2,6 +2,7 @@
 
 import argparse
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -122,6 +123,27 @@ def test_a_run_chosen_under_two_names_is_scored_once(tmp_path):
     assert d.resolve("plora-period") == d.resolve("plora") == "plora-lr0.0001"
     evals = [j.name for j in d.candidates() if j.kind == "eval"]
     assert evals.count("plora-lr0.0001") == 1
+
+
+def test_a_model_is_kept_while_a_reported_choice_may_still_pick_it(tmp_path):
+    """The bug this guards: a test: false run chosen later by a reported best_of had lost its model."""
+    plan = PLAN.replace("  - name: plora-period\n    best_of: [plora, plora-step]\n",
+                        "  - name: plora-period\n    best_of: [plora, plora-step]\n    test: false\n"
+                        "  - name: plora-best\n    best_of: [plora-period, plora-m]\n")
+    for overrides in ("{plora: {momentum: 0.5}}", "{plora: {unload_every: 1}}"):
+        plan = plan.replace(f"overrides: {overrides}", f"overrides: {overrides}\n    test: false")
+    d = _driver(tmp_path, plan)
+    for name, loss in (("plora-lr0.0001", 0.8), ("plora-lr0.001", 0.9), ("plora-step", 1.0), ("plora-m", 0.7)):
+        (d.out / name / "model").mkdir(parents=True)
+        (d.out / name / "summary.json").write_text(json.dumps({"heldout_loss": loss}))
+        job = R.Job(name, "train", 0, [], d.out / "x.log", settings=d.ready_settings(d.entries[name]))
+        job.proc = argparse.Namespace(returncode=0)
+        d.finish(job)  # what the driver does when a training job ends
+    assert (d.out / "plora-m" / "model").is_dir()  # plora-best may choose it: kept
+    assert not (d.out / "plora-lr0.001" / "model").exists()  # lost its sweep and every choice
+    assert (d.out / "plora-lr0.0001" / "model").is_dir()  # the sweep's winner is reported
+    assert not (d.out / "plora-step" / "model").exists()  # lost plora-best once it was decided
+    assert d.resolve("plora-best") == "plora-m"
 
 
 def test_a_longer_run_is_judged_by_its_epochs(tmp_path):
