@@ -116,6 +116,14 @@ def delta_table(out: Path, status: dict, pairs: list[tuple[str, str]]) -> list[s
     return lines
 
 
+def done_in(out: Path, item: str) -> bool:
+    """Whether the job ``item`` ("NAME", "train NAME" or "eval NAME") left its results in ``out``."""
+    kind, _, name = item.partition(" ")
+    if kind not in ("train", "eval"):
+        kind, name = "train", item
+    return (out / name / ("summary.json" if kind == "train" else "eval-test/results.json")).is_file()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", type=Path)
@@ -146,8 +154,12 @@ def main(argv=None) -> int:
     ) if n in names and ref in names]
     parts += ["## One change at a time (difference from the reference run; + is higher)", "",
               *delta_table(args.out, status, pairs), ""]
-    not_run = list(dict.fromkeys(status.get("waiting", []) + status.get("ready_not_started", [])))
+    left = list(dict.fromkeys(status.get("waiting", []) + status.get("ready_not_started", [])))
+    by_hand = [item for item in left if done_in(args.out, item)]
+    not_run = [item for item in left if item not in by_hand]
     parts += ["## Not run (deadline)", "", ", ".join(not_run) if not_run else "none", ""]  # names, or "eval X"
+    if by_hand:
+        parts += ["## Run after the driver ended (its command by hand; see logs/)", "", ", ".join(by_hand), ""]
     if status.get("failed"):
         parts += ["## Failed", "", *[f"- {k}: {v}" for k, v in status["failed"].items()], ""]
     print("\n".join(parts))

@@ -213,11 +213,13 @@ runs:
              "gsm8k_acc": 0.04 if name == "full" else 0.03}))
         (out / name / "config.yaml").write_text("lr: 0.001\n")
     (out / "plan_status.json").write_text(json.dumps(
-        {"resolved": {"lora-r8": "lora-r8-lr0.001"}, "waiting": [], "ready_not_started": ["eval full"],
+        {"resolved": {"lora-r8": "lora-r8-lr0.001"}, "waiting": [], "ready_not_started": ["eval full", "train lora-r8-seed1"],
          "failed": {}}))
     assert report.main([str(out), "--plan", str(plan)]) == 0
     text = capsys.readouterr().out
     assert "0.0001: 0.8000, **0.001: 0.6000**" in text
     assert "| LoRA r=8: lora-r8-lr0.001, lora-r8-seed1 | 0.6100 ± 0.0141 (n=2)" in text
     assert "| full | lora-r8-lr0.001 | -0.1000 |" in text and "+1.0 pt" in text
-    assert "eval full" in text.split("## Not run")[1]
+    not_run, by_hand = text.split("## Not run")[1].split("## Run after the driver ended")
+    assert "eval full" in not_run and "lora-r8-seed1" not in not_run  # its summary is there: run by hand
+    assert "train lora-r8-seed1" in by_hand
