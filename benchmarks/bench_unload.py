@@ -12,7 +12,9 @@ after a warm-up, in one run on one device:
   the final statistics sync, the finiteness check's sync included) divided by the number of
   layers: the overhead the grouped launches are there to keep small.
 - ``update only <mode>``: just the weight updates of those unloads (``addmm_`` for direct, the
-  grouped Triton launches of the plan for all three modes): what an unload cannot avoid.
+  grouped Triton launches of the plan for all three modes): what an unload cannot avoid. Probes
+  of where the grouped kernel's time goes (GPU only): the same launches without the per-layer
+  statistics (``no statistics``), and direct merging with other tilings (``--tiles``).
 - ``plora <mode>, torch path``: the unload with the Triton kernels switched off (GPU only).
 - ``naive merge``: what axolotl's ReLoRA does per layer, ``W += B @ A * scaling`` then A
   re-initialised (kaiming) and B zeroed.
@@ -176,11 +178,12 @@ def naive_merge(model):
             nn.init.zeros_(m.lora_B[a].weight)
 
 
-def update_only(layers, mode, plan, residuals):
-    """The weight updates of one unload alone: addmm_ (direct, plan=None) or the plan's grouped kernels."""
+def update_only(layers, mode, plan, residuals, **launch):
+    """The weight updates of one unload alone: addmm_ (direct, plan=None) or the plan's grouped kernels
+    (``launch``: ``has_stats`` / ``tile`` for ``kernels.grouped_update_``)."""
     if plan is not None:
         plan.refresh(mode, 1.0, residuals)
-        return lambda: plan.update_fused_(1, 0)
+        return lambda: plan.update_fused_(1, 0, **launch)
     work = [(layer.weight.data, *layer.factors(), layer.scaling) for layer in layers]
 
     def run():
@@ -216,7 +219,7 @@ def bench_model(shape, device, args, clock, copy_bps):
     fused = fused_ok(layers[0])  # the plan's own test: bf16 CUDA weight, triton importable
     rows, residual_bytes, n_layers = [], 0, len(layers)
 
-    def row(name, mode, seconds, growth, targets=False, reference=None, host=None):
+    def row(name, mode, seconds, growth, targets=False, reference=None, host=None, probe=False):
         nbytes = BYTES_PER_ELEMENT[mode] * elements
         r = {
             "variant": name,
@@ -229,6 +232,8 @@ def bench_model(shape, device, args, clock, copy_bps):
             "peak_growth_bytes": growth,
             "largest_layer_bytes": largest,
         }
+        if probe:
+            r["probe"] = True
         if reference is not None:
             r["speedup_vs_naive"] = reference / seconds
         if targets:
@@ -283,6 +288,16 @@ def bench_model(shape, device, args, clock, copy_bps):
         if fused:
             s, _, growth = clock.measure(update_only(layers, mode, plan, residuals), None, args.reps, args.warmup)
             row(f"update only {mode} (Triton, grouped)", mode, s, growth, reference=naive_s)
+            s, _, growth = clock.measure(update_only(layers, mode, plan, residuals, has_stats=False), None,
+                                         args.reps, args.warmup)
+            row(f"update only {mode} (Triton, grouped, no statistics)", mode, s, growth, reference=naive_s,
+                probe=True)
+        if fused and mode == "direct":
+            for bm, bn, warps in args.tiles:
+                s, _, growth = clock.measure(update_only(layers, mode, plan, residuals, tile=(bm, bn, warps)), None,
+                                             args.reps, args.warmup)
+                row(f"update only direct (Triton, grouped, {bm}x{bn} tile, {warps} warps)", mode, s, growth,
+                    reference=naive_s, probe=True)
         del residuals, plan
 
     row("naive merge (ReLoRA)", "direct", naive_s, naive_growth, reference=naive_s)
@@ -322,7 +337,8 @@ def markdown(results) -> str:
             host = "" if r["host_us_per_layer"] is None else f"{r['host_us_per_layer']:.3g}"
             out.append(f"| {r['variant']} | {r['ms']:.3g} | {host} | {r['GBps']:.4g} | {100 * r['copy_share']:.0f}% | "
                        f"{r.get('speedup_vs_naive', float('nan')):.2f}x | {growth} | {verdict} |")
-        update = {r["mode"]: r["ms"] for r in res["rows"] if r["variant"].startswith("update only")}
+        update = {r["mode"]: r["ms"] for r in res["rows"]  # the last of addmm_ / grouped: the unload's own
+                  if r["variant"].startswith("update only") and not r.get("probe")}
         for r in res["rows"]:
             if r["variant"] in (f"plora {m}" for m in MODES) and r["mode"] in update:
                 extra = r["ms"] - update[r["mode"]]
@@ -337,6 +353,20 @@ def markdown(results) -> str:
     return "\n".join(out)
 
 
+def _tiles(text: str) -> list[tuple[int, int, int]]:
+    """'64x128x4,32x256x4' -> [(64, 128, 4), (32, 256, 4)]: tile rows, tile columns, warps."""
+    out = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        parts = item.split("x")
+        if len(parts) != 3 or not all(x.isdigit() for x in parts):
+            raise argparse.ArgumentTypeError(f"a tile is ROWSxCOLSxWARPS, e.g. 64x128x4; got {item!r}")
+        bm, bn, warps = map(int, parts)
+        if bm < 16 or bn < 16 or bm & (bm - 1) or bn & (bn - 1) or warps not in (1, 2, 4, 8, 16):
+            raise argparse.ArgumentTypeError(f"tile {item!r}: rows and columns powers of two >= 16, warps 1-16")
+        out.append((bm, bn, warps))
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -347,6 +377,8 @@ def main(argv=None) -> int:
     p.add_argument("--landed-sample-rows", type=int, default=64, help="plora's default: 64 rows per layer")
     p.add_argument("--landed-rows", type=int, default=None,
                    help="also time the unload with this landed_sample_rows (e.g. 8)")
+    p.add_argument("--tiles", type=_tiles, default=_tiles("64x128x4,32x256x4,64x256x8"),
+                   help="other tilings of the grouped kernel to time for direct merging, MxNxWARPS,... ('' for none)")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     args = p.parse_args(argv)
     models = args.models or (["tiny"] if args.small else ["llama-3.2-1b", "llama-2-7b"])

@@ -167,7 +167,7 @@ if triton is not None:
         STATS,  # fp32 (G, 2): [sum(landed * d), sum(d * d)] per layer, accumulated
         G, M, N, K,
         stride_wm, stride_lm, stride_lk, stride_rk, stride_rn,
-        MODE: tl.constexpr, HAS_RES: tl.constexpr, FACTOR_DTYPE: tl.constexpr,
+        MODE: tl.constexpr, HAS_RES: tl.constexpr, FACTOR_DTYPE: tl.constexpr, HAS_STATS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         # program (tile_m, tile_n, layer): the layers of a group share shape, rank, strides, dtypes
@@ -186,7 +186,7 @@ if triton is not None:
             key_hi = (key >> 32) & 0x7FFFFFFF
         update_tile(W, RES, L, R, STATS + 2 * g, M, N, K, stride_wm, stride_lm, stride_lk, stride_rk, stride_rn,
                     tl.load(ALPHAS + g), key_lo, key_hi,
-                    MODE, HAS_RES, True, BLOCK_M, BLOCK_N, BLOCK_K)
+                    MODE, HAS_RES, HAS_STATS, BLOCK_M, BLOCK_N, BLOCK_K)
 
     @triton.jit
     def kaiming_fill(
@@ -308,6 +308,9 @@ def grouped_update_(
     factor_dtype: torch.dtype,
     mode: str,
     has_res: bool,
+    *,
+    has_stats: bool = True,
+    tile: tuple[int, int, int] | None = None,
 ) -> None:
     """``fused_update_`` for a group of layers in one launch; each layer gets the same bits as alone.
 
@@ -318,17 +321,23 @@ def grouped_update_(
     ``shape[2]`` is the rank r, ``factor_strides`` the strides of L and R (shared by the group),
     ``factor_dtype`` one of ``FACTOR_DTYPES``; ``keys`` (int64, (G,)) are the stochastic seeds.
     No checks: the caller (``plora.unload_plan``) built the tables from validated tensors.
+    ``has_stats=False`` skips the statistics and ``tile`` = (block_m, block_n, num_warps) replaces
+    the default tiling: both for the benchmark, to time what they cost; the bits of W do not
+    depend on either.
     """
     M, N, K = shape
     G = ptrs.shape[1]
     block_m, block_n = _block_sizes(N)
+    num_warps = 4
+    if tile is not None:
+        block_m, block_n, num_warps = tile
     unload_tile_grouped[(_cdiv(M, block_m), _cdiv(N, block_n), G)](
         ptrs, alphas, keys if keys is not None else ptrs, stats,
         G, M, N, K,
         N, *factor_strides,
-        MODE=_MODE_ID[mode], HAS_RES=has_res, FACTOR_DTYPE=_TL_DTYPE[factor_dtype],
+        MODE=_MODE_ID[mode], HAS_RES=has_res, FACTOR_DTYPE=_TL_DTYPE[factor_dtype], HAS_STATS=has_stats,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=16 if K <= 16 else 32,
-        num_warps=4,
+        num_warps=num_warps,
     )
 
 

@@ -222,11 +222,12 @@ class UnloadPlan:
             bad.update(name for name, ok in zip(owners, flags.tolist()) if not ok)
         return [name for name in self._names if name in bad]
 
-    def update_fused_(self, seed: int, unload_index: int) -> list[torch.Tensor]:
+    def update_fused_(self, seed: int, unload_index: int, **launch) -> list[torch.Tensor]:
         """Launch the grouped updates; per device, a float64 device tensor [sum(landed*d), sum(d*d)].
 
         Stochastic rounding draws from ``reinit_seed(seed, layer, unload_index)``, as a layer
-        updated on its own by ``kernels.fused_update_`` with that seed would.
+        updated on its own by ``kernels.fused_update_`` with that seed would. ``launch`` goes to
+        ``kernels.grouped_update_`` (``has_stats``, ``tile``: the benchmark's knobs).
         """
         if not self._devices:
             return []
@@ -240,7 +241,7 @@ class UnloadPlan:
             for g in work.updates:
                 keys = next(tables) if g.mode == "stochastic" else None
                 kernels.grouped_update_(g.ptrs, g.alphas, keys, g.stats, g.shape, g.strides, g.factor_dtype, g.mode,
-                                        g.has_res)
+                                        g.has_res, **launch)
             out.append(work.stats.sum(0, dtype=torch.float64))
         return out
 
