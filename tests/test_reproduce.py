@@ -58,11 +58,12 @@ def _trained(driver, name, loss):
     driver.settings[name] = driver.ready_settings(driver.entries[name])
 
 
-@pytest.mark.parametrize("name", ["reproduction.yaml", "reproduction-2026-11-29.yaml"])
+@pytest.mark.parametrize("name", ["reproduction.yaml", "reproduction-2026-11-29.yaml",
+                                  "reproduction-2026-11-29-round2.yaml"])
 def test_shipped_plans_parse_and_refer_to_known_runs(name):
     plan, entries = R.load_plan(ROOT / "docs" / "results" / "plans" / name)
     names = {e.name for e in entries}
-    assert {"lora-r8", "plora-best", "plora-r8-every-step", "full"} <= names
+    assert {"lora-r8", "plora-best", "lora-r8-seed1", "plora-best-seed1"} <= names
     assert all(f"{raw['name']}-lr{lr:g}" in names for raw in plan["runs"] for lr in raw.get("sweep_lr") or [])
     assert plan["holdout"]["records"] == 500
 
