@@ -29,12 +29,14 @@ def _ptx(fn, signature: dict, constants: dict, aligned: list) -> str:
     src = ASTSource(fn=fn, signature=signature,
                     constexprs={(names.index(k),): v for k, v in constants.items()},
                     attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
+    from triton.backends import backends
+
+    if "nvidia" not in backends:
+        pytest.skip("this triton build has no CUDA backend")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        try:
-            return triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
-        except Exception as exc:  # no CUDA backend or ptxas in this triton build
-            pytest.skip(f"cannot compile for sm_90 here: {type(exc).__name__}: {exc}")
+        # no skip on errors: with the backend present, a kernel that does not compile is a failure
+        return triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
 
 
 def _memory_ops(ptx: str) -> set:
@@ -44,7 +46,7 @@ def _memory_ops(ptx: str) -> set:
 GROUPED = {"PTRS": "*i64", "ALPHAS": "*fp32", "KEYS": "*i64", "STATS": "*fp32", "G": "i32", "M": "i32", "N": "i32",
            "K": "i32", "stride_wm": "i32", "stride_lm": "i32", "stride_lk": "i32", "stride_rk": "i32",
            "stride_rn": "i32", "MODE": "constexpr", "HAS_RES": "constexpr", "FACTOR_DTYPE": "constexpr",
-           "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
+           "HAS_STATS": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
 SINGLE = {"W": "*bf16", "RES": "*bf16", "L": "*fp32", "R": "*fp32", "STATS": "*fp32", "M": "i32", "N": "i32",
           "K": "i32", "stride_wm": "i32", "stride_lm": "i32", "stride_lk": "i32", "stride_rk": "i32",
           "stride_rn": "i32", "alpha": "fp32", "key_lo": "i32", "key_hi": "i32", "MODE": "constexpr",
@@ -52,10 +54,11 @@ SINGLE = {"W": "*bf16", "RES": "*bf16", "L": "*fp32", "R": "*fp32", "STATS": "*f
           "BLOCK_K": "constexpr"}
 
 
+@pytest.mark.parametrize("has_stats", [True, False], ids=["stats", "no-stats"])
 @pytest.mark.parametrize("mode", [0, 1, 2], ids=["direct", "compensated", "stochastic"])
-def test_grouped_update_uses_vector_loads_and_stores(mode):
-    constants = {"MODE": mode, "HAS_RES": mode == 1, "FACTOR_DTYPE": tl.float32, "BLOCK_M": 32, "BLOCK_N": 128,
-                 "BLOCK_K": 16}
+def test_grouped_update_uses_vector_loads_and_stores(mode, has_stats):
+    constants = {"MODE": mode, "HAS_RES": mode == 1, "FACTOR_DTYPE": tl.float32, "HAS_STATS": has_stats,
+                 "BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 16}
     ops = _memory_ops(_ptx(K.unload_tile_grouped, GROUPED, constants,
                            ["PTRS", "ALPHAS", "KEYS", "STATS", "M", "N", "stride_wm", "stride_lm", "stride_rk"]))
     assert "ld.global.v4.b32" in ops and "st.global.v4.b32" in ops, ops
