@@ -377,7 +377,7 @@ def main(argv=None) -> int:
     p.add_argument("--landed-sample-rows", type=int, default=64, help="plora's default: 64 rows per layer")
     p.add_argument("--landed-rows", type=int, default=None,
                    help="also time the unload with this landed_sample_rows (e.g. 8)")
-    p.add_argument("--tiles", type=_tiles, default=_tiles("64x128x4,32x256x4,64x256x8"),
+    p.add_argument("--tiles", type=_tiles, default=_tiles("32x64x4,16x128x4,32x128x8,64x128x4"),
                    help="other tilings of the grouped kernel to time for direct merging, MxNxWARPS,... ('' for none)")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     args = p.parse_args(argv)

@@ -7,8 +7,9 @@ checks, without a GPU, that every weight read and write of the update kernels is
 access (``ld/st.global.v4``), and that no 2-byte store is left.
 """
 
+import importlib.util
 import re
-import warnings
+from pathlib import Path
 
 import pytest
 
@@ -20,38 +21,24 @@ if K.triton is None:  # pragma: no cover
 
 import triton.language as tl  # noqa: E402
 
+_spec = importlib.util.spec_from_file_location(
+    "kernel_resources", Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_resources.py")
+KR = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(KR)
+GROUPED, SINGLE = KR.GROUPED, KR.SINGLE
+
 
 def _ptx(fn, signature: dict, constants: dict, aligned: list) -> str:
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    names = list(signature)
-    src = ASTSource(fn=fn, signature=signature,
-                    constexprs={(names.index(k),): v for k, v in constants.items()},
-                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
     from triton.backends import backends
 
     if "nvidia" not in backends:
         pytest.skip("this triton build has no CUDA backend")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        # no skip on errors: with the backend present, a kernel that does not compile is a failure
-        return triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+    # no skip on errors: with the backend present, a kernel that does not compile is a failure
+    return KR.compile_sm90(fn, signature, constants, aligned).asm["ptx"]
 
 
 def _memory_ops(ptx: str) -> set:
     return set(re.findall(r"(?:ld|st)\.global[.\w]*", ptx))
-
-
-GROUPED = {"PTRS": "*i64", "ALPHAS": "*fp32", "KEYS": "*i64", "STATS": "*fp32", "G": "i32", "M": "i32", "N": "i32",
-           "K": "i32", "stride_wm": "i32", "stride_lm": "i32", "stride_lk": "i32", "stride_rk": "i32",
-           "stride_rn": "i32", "MODE": "constexpr", "HAS_RES": "constexpr", "FACTOR_DTYPE": "constexpr",
-           "HAS_STATS": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
-SINGLE = {"W": "*bf16", "RES": "*bf16", "L": "*fp32", "R": "*fp32", "STATS": "*fp32", "M": "i32", "N": "i32",
-          "K": "i32", "stride_wm": "i32", "stride_lm": "i32", "stride_lk": "i32", "stride_rk": "i32",
-          "stride_rn": "i32", "alpha": "fp32", "key_lo": "i32", "key_hi": "i32", "MODE": "constexpr",
-          "HAS_RES": "constexpr", "HAS_STATS": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
-          "BLOCK_K": "constexpr"}
 
 
 @pytest.mark.parametrize("has_stats", [True, False], ids=["stats", "no-stats"])
@@ -77,3 +64,18 @@ def test_kaiming_fill_uses_vector_stores():
            "BLOCK": "constexpr"}
     ops = _memory_ops(_ptx(K.kaiming_fill, sig, {"DTYPE": tl.float32, "BLOCK": 1024}, ["PTRS", "KEYS", "numel"]))
     assert any(op.startswith("st.global.v") for op in ops), ops
+
+
+def test_resource_report_reads_registers_and_occupancy():
+    """kernel_resources: a register count from the cubin, and the occupancy arithmetic of sm_90."""
+    from triton.backends import backends
+
+    if "nvidia" not in backends:
+        pytest.skip("this triton build has no CUDA backend")
+    k = KR.compile_sm90(K.unload_tile_grouped, GROUPED,
+                        {"MODE": 0, "HAS_RES": False, "FACTOR_DTYPE": tl.float32, "HAS_STATS": False,
+                         "BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 16}, KR.GROUPED_ALIGNED)
+    assert 16 <= KR.registers(k) <= 255
+    # 128 registers x 128 threads = 16,384: 4 programs by registers; 20 KiB shared: 11 by shared memory
+    assert KR.occupancy(128, 20480, 4) == {"by_registers": 4, "by_shared": 11, "programs": 4, "warps": 16}
+    assert KR.occupancy(214, 20480, 4)["programs"] == 2  # 214 rounds up to 216 registers

@@ -1,0 +1,141 @@
+"""Registers and shared memory of plora's update kernels for an H100/H200 (sm_90), compiled offline.
+
+A memory-bound kernel needs many bytes in flight, so how many programs fit on one SM at a time
+matters: an SM has 65,536 registers and 228 KiB of shared memory; a program of W warps using R
+registers per thread takes 32 * W * R registers. This compiles each kernel configuration with
+triton's own CUDA backend (no GPU needed), reads the register count from the cubin with the
+``cuobjdump`` triton ships, and prints how many programs (and warps) fit per SM by registers and
+by shared memory. It explains, it does not time: speed comes from ``bench_unload.py`` on a GPU.
+
+    python benchmarks/kernel_resources.py                 # the grouped kernel, every mode, with/without stats
+    python benchmarks/kernel_resources.py --tiles 32x128x4,64x128x4
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SM90_REGISTERS = 65536
+SM90_SHARED = 228 * 1024
+SM90_MAX_WARPS = 64
+
+# the kernels' signatures, for compiling them without launching
+GROUPED = {"PTRS": "*i64", "ALPHAS": "*fp32", "KEYS": "*i64", "STATS": "*fp32", "G": "i32", "M": "i32", "N": "i32",
+           "K": "i32", "stride_wm": "i32", "stride_lm": "i32", "stride_lk": "i32", "stride_rk": "i32",
+           "stride_rn": "i32", "MODE": "constexpr", "HAS_RES": "constexpr", "FACTOR_DTYPE": "constexpr",
+           "HAS_STATS": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
+GROUPED_ALIGNED = ["PTRS", "ALPHAS", "KEYS", "STATS", "M", "N", "stride_wm", "stride_lm", "stride_rk"]
+SINGLE = {"W": "*bf16", "RES": "*bf16", "L": "*fp32", "R": "*fp32", "STATS": "*fp32", "M": "i32", "N": "i32",
+          "K": "i32", "stride_wm": "i32", "stride_lm": "i32", "stride_lk": "i32", "stride_rk": "i32",
+          "stride_rn": "i32", "alpha": "fp32", "key_lo": "i32", "key_hi": "i32", "MODE": "constexpr",
+          "HAS_RES": "constexpr", "HAS_STATS": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
+          "BLOCK_K": "constexpr"}
+SINGLE_ALIGNED = ["W", "RES", "L", "R", "STATS", "M", "N", "stride_wm", "stride_lm", "stride_rk"]
+MODES = {"direct": 0, "compensated": 1, "stochastic": 2}
+
+
+def compile_sm90(fn, signature: dict, constants: dict, aligned: list, num_warps: int = 4):
+    """The compiled kernel for sm_90 (``.asm['ptx']``, ``.asm['cubin']``, ``.metadata``); raises
+    RuntimeError when this triton has no CUDA backend."""
+    import triton
+    from triton.backends import backends
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if "nvidia" not in backends:
+        raise RuntimeError("this triton build has no CUDA backend")
+    names = list(signature)
+    src = ASTSource(fn=fn, signature=signature,
+                    constexprs={(names.index(k),): v for k, v in constants.items()},
+                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+
+
+def registers(kernel) -> int:
+    """Registers per thread of a compiled kernel, from its cubin (``cuobjdump --dump-resource-usage``)."""
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(kernel.asm["cubin"])
+    try:
+        out = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True,
+                             check=True).stdout
+    finally:
+        os.unlink(f.name)
+    found = re.search(r"REG:(\d+)", out)
+    if not found:
+        raise RuntimeError(f"no register count in cuobjdump's output: {out[-300:]}")
+    return int(found.group(1))
+
+
+def occupancy(regs: int, shared: int, num_warps: int) -> dict:
+    """Programs per SM allowed by registers and by shared memory (register allocation in units of
+    8 per thread, as the hardware does), and the warps that makes."""
+    per_program_regs = 32 * num_warps * (-(-regs // 8) * 8)
+    by_regs = SM90_REGISTERS // per_program_regs
+    by_shared = SM90_SHARED // max(shared, 1)
+    by_warps = SM90_MAX_WARPS // num_warps
+    programs = min(by_regs, by_shared, by_warps)
+    return {"by_registers": by_regs, "by_shared": by_shared, "programs": programs, "warps": programs * num_warps}
+
+
+def _tiles(text: str) -> list[tuple[int, int, int]]:
+    out = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        parts = item.split("x")
+        if len(parts) != 3 or not all(p.isdigit() for p in parts):
+            raise argparse.ArgumentTypeError(f"a tile is ROWSxCOLSxWARPS, e.g. 32x128x4; got {item!r}")
+        out.append(tuple(map(int, parts)))
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiles", type=_tiles, default=_tiles("32x128x4,64x128x4,32x256x4"),
+                    help="ROWSxCOLSxWARPS,... (the kernel's default tile is 32x128x4)")
+    args = ap.parse_args(argv)
+    try:
+        import triton
+        import triton.language as tl
+
+        from plora import kernels
+    except ImportError as exc:
+        print(f"error: needs triton: {exc}", file=sys.stderr)
+        return 2
+    print(f"triton {triton.__version__}, compiled for sm_90 (65,536 registers, 228 KiB shared memory, "
+          f"64 warps per SM)\n")
+    print("| kernel | mode | statistics | tile | warps | registers/thread | shared KiB | programs/SM "
+          "(by registers, by shared) | warps/SM |")
+    print("| --- | --- | --- | --- | ---: | ---: | ---: | --- | ---: |")
+    rows = [("grouped", mode, stats, tile) for mode in MODES for stats in (True, False) for tile in args.tiles]
+    rows += [("single-layer", mode, stats, args.tiles[0]) for mode in ("direct", "compensated") for stats in (True, False)]
+    for kind, mode, stats, (bm, bn, warps) in rows:
+        constants = {"MODE": MODES[mode], "HAS_RES": mode == "compensated", "HAS_STATS": stats,
+                     "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 16}
+        if kind == "grouped":
+            constants["FACTOR_DTYPE"] = tl.float32
+            k = compile_sm90(kernels.unload_tile_grouped, GROUPED, constants, GROUPED_ALIGNED, warps)
+        else:
+            k = compile_sm90(kernels.unload_tile, SINGLE, constants, SINGLE_ALIGNED, warps)
+        regs, shared = registers(k), k.metadata.shared
+        occ = occupancy(regs, shared, warps)
+        print(f"| {kind} | {mode} | {'yes' if stats else 'no'} | {bm}x{bn} | {warps} | {regs} | {shared / 1024:.0f} | "
+              f"{occ['programs']} ({occ['by_registers']}, {occ['by_shared']}) | {occ['warps']} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
