@@ -1,12 +1,15 @@
 """Tables of a finished (or partly finished) reproduction plan, beside ``plora compare``'s report.
 
     python benchmarks/reproduce_report.py OUT --plan docs/results/plans/reproduction.yaml > tables.md
+    python benchmarks/reproduce_report.py OUT --plan PLAN --figure learning_ability.png > tables.md
 
 ``OUT`` is the folder ``benchmarks/reproduce.py`` wrote. Prints markdown: the learning-rate sweeps
 (held-out loss per learning rate, the chosen one in bold), what each choice resolved to, the
 headline pair over seeds (mean and sample standard deviation), and each ablation as a difference
 from the run it changes one thing of. Learning ability is ``plora compare``'s: the base model's
 loss on a fixed slice of the training data minus the smoothed final training loss.
+``--figure`` also draws every one-epoch run's learning ability against LoRA r=8's (seed mean,
+its seed spread shaded; runs with seeds get their own spread as an error bar).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ def run_values(path: Path) -> dict | None:
     base = s.get("base_train_loss")
     out = {key: s.get(key) for _, key, _ in METRICS}
     out["learning_ability"] = None if final is None or base is None else base - final
+    out["lr"] = run.config.get("lr")
     return out
 
 
@@ -116,6 +120,60 @@ def delta_table(out: Path, status: dict, pairs: list[tuple[str, str]]) -> list[s
     return lines
 
 
+# one-epoch runs in the figure's order (top to bottom): the references, PLoRA's periods and
+# momentum, then the one-factor ablations
+FIGURE_RUNS = ("full", "lora-r64", "lora-r8", "plora-best", "plora-r8-m0.5", "plora-r8-25pct", "plora-r8-10pct",
+               "plora-r8-every-step", "plora-rewarmup", "plora-keep-optimizer", "plora-direct-bf16",
+               "plora-stochastic-bf16", "plora-attention", "lora-r8-attention")
+
+
+def learning_ability_figure(out: Path, status: dict, seeds: dict[str, list[str]], path: Path) -> bool:
+    """Learning ability relative to LoRA r=8's seed mean, one point per run (seed sd as error bar);
+    False when LoRA r=8 is missing."""
+    def values_of(name):
+        return run_values(out / status["resolved"].get(name, name))
+
+    def la(name):
+        v = values_of(name)
+        return None if v is None else v["learning_ability"]
+
+    groups = {names[0]: names for names in seeds.values() if names}  # "lora-r8" -> its seed runs
+    lora = [x for x in map(la, groups.get("lora-r8", ["lora-r8"])) if x is not None]
+    if not lora:
+        return False
+    ref = statistics.fmean(lora)
+    labels, values, errors = [], [], []
+    for name in FIGURE_RUNS:
+        vals = [x for x in map(la, groups.get(name, [name])) if x is not None]
+        if not vals:
+            continue
+        lr = values_of(name)["lr"]
+        labels.append(f"{name}, lr {lr:g}" + (f", {len(vals)} seeds" if len(vals) > 1 else ""))
+        values.append(statistics.fmean(vals) / ref)
+        errors.append(statistics.stdev(vals) / ref if len(vals) > 1 else 0.0)
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 0.42 * len(labels) + 1.4), layout="constrained")
+    ax = fig.subplots()
+    ys = list(range(len(labels)))[::-1]
+    for y, v, e, label in zip(ys, values, errors, labels):  # points: the axis does not start at 0
+        ax.errorbar(v, y, xerr=e or None, fmt="o", color="#4c72b0" if label.startswith("plora") else "#555555",
+                    capsize=3)
+    if len(lora) > 1:
+        sd = statistics.stdev(lora) / ref
+        ax.axvspan(1 - sd, 1 + sd, color="#dd8452", alpha=0.25, label="LoRA r=8 seed sd")
+        ax.legend(loc="lower right", fontsize=8)
+    ax.axvline(1.0, color="#dd8452", lw=1)
+    ax.set_yticks(ys, labels, fontsize=8)
+    lo = min(v - e for v, e in zip(values, errors))
+    ax.set_xlim(max(0.0, lo - 0.02), max(v + e for v, e in zip(values, errors)) + 0.02)
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_xlabel("learning ability / LoRA r=8's (seed mean)")
+    ax.set_title("Learning ability against LoRA r=8 (one epoch, held-out choices)", fontsize=10)
+    fig.savefig(path, dpi=120)
+    return True
+
+
 def done_in(out: Path, item: str) -> bool:
     """Whether the job ``item`` ("NAME", "train NAME" or "eval NAME") left its results in ``out``."""
     kind, _, name = item.partition(" ")
@@ -128,6 +186,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", type=Path)
     ap.add_argument("--plan", type=Path, required=True)
+    ap.add_argument("--figure", type=Path, default=None, help="also write the learning-ability figure here (PNG)")
     args = ap.parse_args(argv)
     import yaml
 
@@ -162,6 +221,11 @@ def main(argv=None) -> int:
         parts += ["## Run after the driver ended (its command by hand; see logs/)", "", ", ".join(by_hand), ""]
     if status.get("failed"):
         parts += ["## Failed", "", *[f"- {k}: {v}" for k, v in status["failed"].items()], ""]
+    if args.figure is not None:
+        if learning_ability_figure(args.out, status, seeds, args.figure):
+            parts += [f"![Learning ability against LoRA r=8]({args.figure.name})", ""]
+        else:
+            print("warning: no LoRA r=8 run: no learning-ability figure", file=sys.stderr)
     print("\n".join(parts))
     return 0
 

@@ -216,8 +216,10 @@ runs:
     (out / "plan_status.json").write_text(json.dumps(
         {"resolved": {"lora-r8": "lora-r8-lr0.001"}, "waiting": [], "ready_not_started": ["eval full", "train lora-r8-seed1"],
          "failed": {}}))
-    assert report.main([str(out), "--plan", str(plan)]) == 0
+    figure = tmp_path / "la.png"
+    assert report.main([str(out), "--plan", str(plan), "--figure", str(figure)]) == 0
     text = capsys.readouterr().out
+    assert figure.stat().st_size > 1000 and "![Learning ability against LoRA r=8](la.png)" in text
     assert "0.0001: 0.8000, **0.001: 0.6000**" in text
     assert "| LoRA r=8: lora-r8-lr0.001, lora-r8-seed1 | 0.6100 ± 0.0141 (n=2)" in text
     assert "| full | lora-r8-lr0.001 | -0.1000 |" in text and "+1.0 pt" in text
