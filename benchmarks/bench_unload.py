@@ -14,7 +14,7 @@ after a warm-up, in one run on one device:
 - ``update only <mode>``: just the weight updates of those unloads (``addmm_`` for direct, the
   grouped Triton launches of the plan for all three modes): what an unload cannot avoid. Probes
   of where the grouped kernel's time goes (GPU only): the same launches without the per-layer
-  statistics (``no statistics``), and direct merging with other tilings (``--tiles``).
+  statistics (``no statistics``), and with other tilings (``--tiles``).
 - ``plora <mode>, torch path``: the unload with the Triton kernels switched off (GPU only).
 - ``naive merge``: what axolotl's ReLoRA does per layer, ``W += B @ A * scaling`` then A
   re-initialised (kaiming) and B zeroed.
@@ -292,11 +292,11 @@ def bench_model(shape, device, args, clock, copy_bps):
                                          args.reps, args.warmup)
             row(f"update only {mode} (Triton, grouped, no statistics)", mode, s, growth, reference=naive_s,
                 probe=True)
-        if fused and mode == "direct":
+        if fused:
             for bm, bn, warps in args.tiles:
                 s, _, growth = clock.measure(update_only(layers, mode, plan, residuals, tile=(bm, bn, warps)), None,
                                              args.reps, args.warmup)
-                row(f"update only direct (Triton, grouped, {bm}x{bn} tile, {warps} warps)", mode, s, growth,
+                row(f"update only {mode} (Triton, grouped, {bm}x{bn} tile, {warps} warps)", mode, s, growth,
                     reference=naive_s, probe=True)
         del residuals, plan
 
@@ -378,7 +378,7 @@ def main(argv=None) -> int:
     p.add_argument("--landed-rows", type=int, default=None,
                    help="also time the unload with this landed_sample_rows (e.g. 8)")
     p.add_argument("--tiles", type=_tiles, default=_tiles("32x64x4,16x128x4,32x128x8,64x128x4"),
-                   help="other tilings of the grouped kernel to time for direct merging, MxNxWARPS,... ('' for none)")
+                   help="other tilings of the grouped kernel to time, ROWSxCOLSxWARPS,... ('' for none)")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     args = p.parse_args(argv)
     models = args.models or (["tiny"] if args.small else ["llama-3.2-1b", "llama-2-7b"])
