@@ -1,0 +1,48 @@
+"""The benchmark scripts run end to end on a CPU (their --small smoke modes): they are what the
+performance report is measured with, so a broken one must show here, not on the GPU machine."""
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_unload_small_on_cpu(tmp_path, capsys):
+    bench = _load("bench_unload")
+    out = tmp_path / "unload.json"
+    assert bench.main(["--small", "--device", "cpu", "--reps", "1", "--warmup", "0", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    for res in results["models"].values():
+        variants = {r["variant"] for r in res["rows"]}
+        assert {"plora direct", "plora compensated", "plora stochastic", "naive merge (ReLoRA)"} <= variants
+        assert all(r["ms"] > 0 for r in res["rows"])
+    assert "| plora direct |" in capsys.readouterr().out
+
+
+def test_bench_unload_refuses_a_malformed_tile():
+    bench = _load("bench_unload")
+    with pytest.raises(argparse.ArgumentTypeError, match="ROWSxCOLSxWARPS"):
+        bench._tiles("3x3")
+    with pytest.raises(argparse.ArgumentTypeError, match="powers of two"):
+        bench._tiles("24x128x4")
+    assert bench._tiles("32x64x4, 16x128x8") == [(32, 64, 4), (16, 128, 8)]
+
+
+def test_bench_train_step_small_on_cpu(tmp_path):
+    bench = _load("bench_train_step")
+    out = tmp_path / "step.json"
+    assert bench.main(["--small", "--device", "cpu", "--json", str(out)]) == 0
+    text = out.read_text()
+    assert "plora" in text and "lora" in text
