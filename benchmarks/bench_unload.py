@@ -14,7 +14,8 @@ after a warm-up, in one run on one device:
 - ``update only <mode>``: just the weight updates of those unloads (``addmm_`` for direct, the
   grouped Triton launches of the plan for all three modes): what an unload cannot avoid. Probes
   of where the grouped kernel's time goes (GPU only): the same launches without the per-layer
-  statistics (``no statistics``), and with other tilings (``--tiles``).
+  statistics (``no statistics``), with at most 128 registers per thread (4 programs per SM), and
+  with other tilings (``--tiles``).
 - ``plora <mode>, torch path``: the unload with the Triton kernels switched off (GPU only).
 - ``naive merge``: what axolotl's ReLoRA does per layer, ``W += B @ A * scaling`` then A
   re-initialised (kaiming) and B zeroed.
@@ -291,6 +292,10 @@ def bench_model(shape, device, args, clock, copy_bps):
             s, _, growth = clock.measure(update_only(layers, mode, plan, residuals, has_stats=False), None,
                                          args.reps, args.warmup)
             row(f"update only {mode} (Triton, grouped, no statistics)", mode, s, growth, reference=naive_s,
+                probe=True)
+            s, _, growth = clock.measure(update_only(layers, mode, plan, residuals, max_registers=128), None,
+                                         args.reps, args.warmup)
+            row(f"update only {mode} (Triton, grouped, at most 128 registers)", mode, s, growth, reference=naive_s,
                 probe=True)
         if fused:
             for bm, bn, warps in args.tiles:

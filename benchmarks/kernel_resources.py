@@ -44,7 +44,8 @@ SINGLE_ALIGNED = ["W", "RES", "L", "R", "STATS", "M", "N", "stride_wm", "stride_
 MODES = {"direct": 0, "compensated": 1, "stochastic": 2}
 
 
-def compile_sm90(fn, signature: dict, constants: dict, aligned: list, num_warps: int = 4):
+def compile_sm90(fn, signature: dict, constants: dict, aligned: list, num_warps: int = 4,
+                 max_registers: int | None = None):
     """The compiled kernel for sm_90 (``.asm['ptx']``, ``.asm['cubin']``, ``.metadata``); raises
     RuntimeError when this triton has no CUDA backend."""
     import triton
@@ -60,11 +61,13 @@ def compile_sm90(fn, signature: dict, constants: dict, aligned: list, num_warps:
                     attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+        options = {"num_warps": num_warps, **({"maxnreg": max_registers} if max_registers else {})}
+        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
-def registers(kernel) -> int:
-    """Registers per thread of a compiled kernel, from its cubin (``cuobjdump --dump-resource-usage``)."""
+def registers(kernel) -> tuple[int, int]:
+    """Registers per thread and stack bytes (spills) of a compiled kernel, from its cubin
+    (``cuobjdump --dump-resource-usage``)."""
     import triton
 
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -75,10 +78,10 @@ def registers(kernel) -> int:
                              check=True).stdout
     finally:
         os.unlink(f.name)
-    found = re.search(r"REG:(\d+)", out)
+    found = re.search(r"REG:(\d+)\s+STACK:(\d+)", out)
     if not found:
         raise RuntimeError(f"no register count in cuobjdump's output: {out[-300:]}")
-    return int(found.group(1))
+    return int(found.group(1)), int(found.group(2))
 
 
 def occupancy(regs: int, shared: int, num_warps: int) -> dict:
@@ -106,6 +109,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiles", type=_tiles, default=_tiles("32x128x4,64x128x4,32x256x4"),
                     help="ROWSxCOLSxWARPS,... (the kernel's default tile is 32x128x4)")
+    ap.add_argument("--max-registers", type=int, default=None, help="compile with maxnreg (ptxas may spill)")
     args = ap.parse_args(argv)
     try:
         import triton
@@ -117,9 +121,11 @@ def main(argv=None) -> int:
         return 2
     print(f"triton {triton.__version__}, compiled for sm_90 (65,536 registers, 228 KiB shared memory, "
           f"64 warps per SM)\n")
-    print("| kernel | mode | statistics | tile | warps | registers/thread | shared KiB | programs/SM "
-          "(by registers, by shared) | warps/SM |")
-    print("| --- | --- | --- | --- | ---: | ---: | ---: | --- | ---: |")
+    if args.max_registers:
+        print(f"registers capped at {args.max_registers} per thread (maxnreg)\n")
+    print("| kernel | mode | statistics | tile | warps | registers/thread | spill stack B | shared KiB | "
+          "programs/SM (by registers, by shared) | warps/SM |")
+    print("| --- | --- | --- | --- | ---: | ---: | ---: | ---: | --- | ---: |")
     rows = [("grouped", mode, stats, tile) for mode in MODES for stats in (True, False) for tile in args.tiles]
     rows += [("single-layer", mode, stats, args.tiles[0]) for mode in ("direct", "compensated") for stats in (True, False)]
     for kind, mode, stats, (bm, bn, warps) in rows:
@@ -127,12 +133,14 @@ def main(argv=None) -> int:
                      "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 16}
         if kind == "grouped":
             constants["FACTOR_DTYPE"] = tl.float32
-            k = compile_sm90(kernels.unload_tile_grouped, GROUPED, constants, GROUPED_ALIGNED, warps)
+            k = compile_sm90(kernels.unload_tile_grouped, GROUPED, constants, GROUPED_ALIGNED, warps,
+                             args.max_registers)
         else:
-            k = compile_sm90(kernels.unload_tile, SINGLE, constants, SINGLE_ALIGNED, warps)
-        regs, shared = registers(k), k.metadata.shared
+            k = compile_sm90(kernels.unload_tile, SINGLE, constants, SINGLE_ALIGNED, warps, args.max_registers)
+        (regs, stack), shared = registers(k), k.metadata.shared
         occ = occupancy(regs, shared, warps)
-        print(f"| {kind} | {mode} | {'yes' if stats else 'no'} | {bm}x{bn} | {warps} | {regs} | {shared / 1024:.0f} | "
+        print(f"| {kind} | {mode} | {'yes' if stats else 'no'} | {bm}x{bn} | {warps} | {regs} | {stack} | "
+              f"{shared / 1024:.0f} | "
               f"{occ['programs']} ({occ['by_registers']}, {occ['by_shared']}) | {occ['warps']} |")
     return 0
 

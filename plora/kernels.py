@@ -142,8 +142,10 @@ if triton is not None:
             # what arrived in the weight state (W, plus the residual where one is kept), against d
             landed = new.to(tl.float32) - w_old + res_delta
             dm = tl.where(mask, d, 0.0)
-            tl.atomic_add(STATS, tl.sum(tl.sum(tl.where(mask, landed, 0.0) * dm, axis=1), axis=0))
-            tl.atomic_add(STATS + 1, tl.sum(tl.sum(dm * dm, axis=1), axis=0))
+            # one reduction over the whole tile: per-axis sums kept more values live (sm_90, triton 3.6:
+            # 212 -> 166 registers for compensated, 2 -> 3 programs per SM; benchmarks/kernel_resources.py)
+            tl.atomic_add(STATS, tl.sum(tl.where(mask, landed, 0.0) * dm))
+            tl.atomic_add(STATS + 1, tl.sum(dm * dm))
 
     @triton.jit(do_not_specialize=["key_lo", "key_hi"])
     def unload_tile(
@@ -311,6 +313,7 @@ def grouped_update_(
     *,
     has_stats: bool = True,
     tile: tuple[int, int, int] | None = None,
+    max_registers: int | None = None,
 ) -> None:
     """``fused_update_`` for a group of layers in one launch; each layer gets the same bits as alone.
 
@@ -321,9 +324,9 @@ def grouped_update_(
     ``shape[2]`` is the rank r, ``factor_strides`` the strides of L and R (shared by the group),
     ``factor_dtype`` one of ``FACTOR_DTYPES``; ``keys`` (int64, (G,)) are the stochastic seeds.
     No checks: the caller (``plora.unload_plan``) built the tables from validated tensors.
-    ``has_stats=False`` skips the statistics and ``tile`` = (block_m, block_n, num_warps) replaces
-    the default tiling: both for the benchmark, to time what they cost; the bits of W do not
-    depend on either.
+    ``has_stats=False`` skips the statistics, ``tile`` = (block_m, block_n, num_warps) replaces
+    the default tiling and ``max_registers`` caps the registers per thread (ptxas may spill): all
+    three for the benchmark, to time what they cost; the bits of W do not depend on them.
     """
     M, N, K = shape
     G = ptrs.shape[1]
@@ -337,7 +340,7 @@ def grouped_update_(
         N, *factor_strides,
         MODE=_MODE_ID[mode], HAS_RES=has_res, FACTOR_DTYPE=_TL_DTYPE[factor_dtype], HAS_STATS=has_stats,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=16 if K <= 16 else 32,
-        num_warps=num_warps,
+        num_warps=num_warps, **({"maxnreg": max_registers} if max_registers else {}),
     )
 
 

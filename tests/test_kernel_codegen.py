@@ -75,7 +75,12 @@ def test_resource_report_reads_registers_and_occupancy():
     k = KR.compile_sm90(K.unload_tile_grouped, GROUPED,
                         {"MODE": 0, "HAS_RES": False, "FACTOR_DTYPE": tl.float32, "HAS_STATS": False,
                          "BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 16}, KR.GROUPED_ALIGNED)
-    assert 16 <= KR.registers(k) <= 255
+    regs, stack = KR.registers(k)
+    assert 16 <= regs <= 255 and stack >= 0
+    capped = KR.compile_sm90(K.unload_tile_grouped, GROUPED,
+                             {"MODE": 0, "HAS_RES": False, "FACTOR_DTYPE": tl.float32, "HAS_STATS": False,
+                              "BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 16}, KR.GROUPED_ALIGNED, max_registers=64)
+    assert KR.registers(capped)[0] <= 64
     # 128 registers x 128 threads = 16,384: 4 programs by registers; 20 KiB shared: 11 by shared memory
     assert KR.occupancy(128, 20480, 4) == {"by_registers": 4, "by_shared": 11, "programs": 4, "warps": 16}
     assert KR.occupancy(214, 20480, 4)["programs"] == 2  # 214 rounds up to 216 registers
