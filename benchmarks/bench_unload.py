@@ -47,12 +47,14 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling kernel_resources
 
 import plora  # noqa: E402
 from plora.layers import adapted_layers  # noqa: E402
 from plora.optim import reset_adapter_state  # noqa: E402
 from plora.unload import UnloadPlan, _enqueue_unload  # noqa: E402
 from plora.unload_plan import fused_ok  # noqa: E402
+from kernel_resources import tiles_argument  # noqa: E402
 
 MODES = ("direct", "compensated", "stochastic")
 BYTES_PER_ELEMENT = {"direct": 4, "compensated": 8, "stochastic": 4}
@@ -358,19 +360,6 @@ def markdown(results) -> str:
     return "\n".join(out)
 
 
-def _tiles(text: str) -> list[tuple[int, int, int]]:
-    """'64x128x4,32x256x4' -> [(64, 128, 4), (32, 256, 4)]: tile rows, tile columns, warps."""
-    out = []
-    for item in filter(None, (t.strip() for t in text.split(","))):
-        parts = item.split("x")
-        if len(parts) != 3 or not all(x.isdigit() for x in parts):
-            raise argparse.ArgumentTypeError(f"a tile is ROWSxCOLSxWARPS, e.g. 64x128x4; got {item!r}")
-        bm, bn, warps = map(int, parts)
-        if bm < 16 or bn < 16 or bm & (bm - 1) or bn & (bn - 1) or warps not in (1, 2, 4, 8, 16):
-            raise argparse.ArgumentTypeError(f"tile {item!r}: rows and columns powers of two >= 16, warps 1-16")
-        out.append((bm, bn, warps))
-    return out
-
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -382,7 +371,7 @@ def main(argv=None) -> int:
     p.add_argument("--landed-sample-rows", type=int, default=64, help="plora's default: 64 rows per layer")
     p.add_argument("--landed-rows", type=int, default=None,
                    help="also time the unload with this landed_sample_rows (e.g. 8)")
-    p.add_argument("--tiles", type=_tiles, default=_tiles("32x64x4,16x128x4,32x128x8,64x128x4"),
+    p.add_argument("--tiles", type=tiles_argument, default=tiles_argument("32x64x4,16x128x4,32x128x8,64x128x4"),
                    help="other tilings of the grouped kernel to time, ROWSxCOLSxWARPS,... ('' for none)")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     args = p.parse_args(argv)

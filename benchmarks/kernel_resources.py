@@ -95,19 +95,19 @@ def occupancy(regs: int, shared: int, num_warps: int) -> dict:
     return {"by_registers": by_regs, "by_shared": by_shared, "programs": programs, "warps": programs * num_warps}
 
 
-def _tiles(text: str) -> list[tuple[int, int, int]]:
-    out = []
-    for item in filter(None, (t.strip() for t in text.split(","))):
-        parts = item.split("x")
-        if len(parts) != 3 or not all(p.isdigit() for p in parts):
-            raise argparse.ArgumentTypeError(f"a tile is ROWSxCOLSxWARPS, e.g. 32x128x4; got {item!r}")
-        out.append(tuple(map(int, parts)))
-    return out
+def tiles_argument(text: str) -> list[tuple[int, int, int]]:
+    """``--tiles`` of this script and of bench_unload.py: ``plora.kernels.parse_tiles`` for argparse."""
+    from plora.kernels import parse_tiles
+
+    try:
+        return parse_tiles(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tiles", type=_tiles, default=_tiles("32x128x4,64x128x4,32x256x4"),
+    ap.add_argument("--tiles", type=tiles_argument, default=tiles_argument("32x128x4,64x128x4,32x256x4"),
                     help="ROWSxCOLSxWARPS,... (the kernel's default tile is 32x128x4)")
     ap.add_argument("--max-registers", type=int, default=None, help="compile with maxnreg (ptxas may spill)")
     args = ap.parse_args(argv)

@@ -235,6 +235,21 @@ def fused_available(tensor: torch.Tensor, on_host: bool = False) -> bool:
     )
 
 
+def parse_tiles(text: str) -> list[tuple[int, int, int]]:
+    """``"32x64x4,16x128x8"`` -> ``[(32, 64, 4), (16, 128, 8)]``: tile rows, tile columns, warps, as
+    ``grouped_update_``'s ``tile`` takes them (the benchmarks' ``--tiles``); ValueError names a bad one."""
+    out = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        parts = item.split("x")
+        if len(parts) != 3 or not all(x.isdigit() for x in parts):
+            raise ValueError(f"a tile is ROWSxCOLSxWARPS, e.g. 64x128x4; got {item!r}")
+        bm, bn, warps = map(int, parts)
+        if bm < 16 or bn < 16 or bm & (bm - 1) or bn & (bn - 1) or warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"tile {item!r}: rows and columns powers of two >= 16, warps 1-16")
+        out.append((bm, bn, warps))
+    return out
+
+
 def _block_sizes(n_cols: int) -> tuple[int, int]:
     # 32 x 128 tiles with 4 warps: the fastest of the shapes measured on an H200 (16..128 rows,
     # 64..512 columns; fewer registers per program, more programs per SM). Narrow weights get

@@ -34,10 +34,10 @@ def test_bench_unload_small_on_cpu(tmp_path, capsys):
 def test_bench_unload_refuses_a_malformed_tile():
     bench = _load("bench_unload")
     with pytest.raises(argparse.ArgumentTypeError, match="ROWSxCOLSxWARPS"):
-        bench._tiles("3x3")
+        bench.tiles_argument("3x3")
     with pytest.raises(argparse.ArgumentTypeError, match="powers of two"):
-        bench._tiles("24x128x4")
-    assert bench._tiles("32x64x4, 16x128x8") == [(32, 64, 4), (16, 128, 8)]
+        bench.tiles_argument("24x128x4")
+    assert bench.tiles_argument("32x64x4, 16x128x8") == [(32, 64, 4), (16, 128, 8)]
 
 
 def test_bench_train_step_small_on_cpu(tmp_path):
