@@ -44,5 +44,7 @@ def test_bench_train_step_small_on_cpu(tmp_path):
     bench = _load("bench_train_step")
     out = tmp_path / "step.json"
     assert bench.main(["--small", "--device", "cpu", "--json", str(out)]) == 0
-    text = out.read_text()
-    assert "plora" in text and "lora" in text
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"full", "lora", "plora direct", "plora stochastic", "plora compensated", "lora (repeat)"}
+    assert all(r["step_s"] > 0 and "step_vs_lora" in r for r in rows.values())
+    assert all(set(r["pass"]) == {"every step", "every 100", "memory"} for v, r in rows.items() if v.startswith("plora"))
