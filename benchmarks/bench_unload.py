@@ -28,7 +28,7 @@ Peak memory growth is ``max_memory_allocated`` during one unload minus what was 
 it (the compensated residual buffers, +2 bytes per weight element, exist from the first unload
 on and are reported apart), against the size of the largest single weight.
 
-    python benchmarks/bench_unload.py --json unload.json           # GPU, under 3 minutes on an H200
+    python benchmarks/bench_unload.py --json unload.json           # GPU (its time: benchmarks/README.md)
     python benchmarks/bench_unload.py --small --device cpu         # smoke check on a CPU
 """
 
@@ -183,7 +183,7 @@ def naive_merge(model):
 
 def update_only(layers, mode, plan, residuals, **launch):
     """The weight updates of one unload alone: addmm_ (direct, plan=None) or the plan's grouped kernels
-    (``launch``: ``has_stats`` / ``tile`` for ``kernels.grouped_update_``)."""
+    (``launch``: keyword options of ``kernels.grouped_update_``)."""
     if plan is not None:
         plan.refresh(mode, 1.0, residuals)
         return lambda: plan.update_fused_(1, 0, **launch)
@@ -288,23 +288,15 @@ def bench_model(shape, device, args, clock, copy_bps):
         if mode == "direct":
             s, _, growth = clock.measure(update_only(layers, mode, None, residuals), None, args.reps, args.warmup)
             row("update only direct (addmm_)", mode, s, growth, reference=naive_s)
-        if fused:
-            s, _, growth = clock.measure(update_only(layers, mode, plan, residuals), None, args.reps, args.warmup)
-            row(f"update only {mode} (Triton, grouped)", mode, s, growth, reference=naive_s)
-            s, _, growth = clock.measure(update_only(layers, mode, plan, residuals, has_stats=False), None,
-                                         args.reps, args.warmup)
-            row(f"update only {mode} (Triton, grouped, no statistics)", mode, s, growth, reference=naive_s,
-                probe=True)
-            s, _, growth = clock.measure(update_only(layers, mode, plan, residuals, max_registers=128), None,
-                                         args.reps, args.warmup)
-            row(f"update only {mode} (Triton, grouped, at most 128 registers)", mode, s, growth, reference=naive_s,
-                probe=True)
-        if fused:
-            for bm, bn, warps in args.tiles:
-                s, _, growth = clock.measure(update_only(layers, mode, plan, residuals, tile=(bm, bn, warps)), None,
+        if fused:  # the plan's own launches, then the probes (launch options of grouped_update_)
+            launches = [("", {}), (", no statistics", {"has_stats": False}),
+                        (", at most 128 registers", {"max_registers": 128})]
+            launches += [(f", {bm}x{bn} tile, {warps} warps", {"tile": (bm, bn, warps)}) for bm, bn, warps in args.tiles]
+            for suffix, launch in launches:
+                s, _, growth = clock.measure(update_only(layers, mode, plan, residuals, **launch), None,
                                              args.reps, args.warmup)
-                row(f"update only {mode} (Triton, grouped, {bm}x{bn} tile, {warps} warps)", mode, s, growth,
-                    reference=naive_s, probe=True)
+                row(f"update only {mode} (Triton, grouped{suffix})", mode, s, growth, reference=naive_s,
+                    probe=bool(launch))
         del residuals, plan
 
     row("naive merge (ReLoRA)", "direct", naive_s, naive_growth, reference=naive_s)

@@ -227,7 +227,7 @@ class UnloadPlan:
 
         Stochastic rounding draws from ``reinit_seed(seed, layer, unload_index)``, as a layer
         updated on its own by ``kernels.fused_update_`` with that seed would. ``launch`` goes to
-        ``kernels.grouped_update_`` (``has_stats``, ``tile``: the benchmark's knobs).
+        ``kernels.grouped_update_`` (its benchmark-only options: statistics, tiling, register cap).
         """
         if not self._devices:
             return []
