@@ -171,9 +171,9 @@ def gsm8k_accuracy(
     """Greedy-decoding accuracy on GSM8K-style ``{"question", "answer"}`` records.
 
     ``shots`` worked examples are the first ``shots`` of ``fewshot_records`` (the train split),
-    the same for every question; ``show_progress`` draws a progress bar. Returns ``{"accuracy", "n", "correct", "shots", "prompt_style",
-    "max_new_tokens", "seconds", "predictions"}``; each prediction holds the index, question,
-    gold and predicted number, correctness and the completion.
+    the same for every question; ``show_progress`` draws a progress bar. Returns ``{"accuracy",
+    "n", "correct", "shots", "prompt_style", "max_new_tokens", "seconds", "predictions"}``; each
+    prediction holds the index, question, gold and predicted number, correctness and the completion.
     """
     if prompt_style not in PROMPT_STYLES:
         raise UserError(f"unknown prompt style {prompt_style!r}; expected one of {PROMPT_STYLES}")

@@ -69,8 +69,8 @@ def heldout_loss(
     with the chat template and only the assistant's tokens count, as in training. The mean is
     over all response tokens of all records (long answers weigh more). Records longer than
     ``max_length`` are cut (``truncated`` counts them); records left with no response token are
-    skipped (``dropped``). ``show_progress`` draws a progress bar. Returns ``{"loss", "perplexity", "n", "tokens", "truncated",
-    "dropped", "seconds", "per_record"}``.
+    skipped (``dropped``). ``show_progress`` draws a progress bar. Returns ``{"loss",
+    "perplexity", "n", "tokens", "truncated", "dropped", "seconds", "per_record"}``.
     """
     import torch
     import torch.nn.functional as F
