@@ -15,6 +15,7 @@ its seed spread shaded; runs with seeds get their own spread as an error bar).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -33,8 +34,10 @@ METRICS = (  # (header, key, format)
 )
 
 
+@functools.lru_cache(maxsize=None)
 def run_values(path: Path) -> dict | None:
-    """The numbers of one run directory (None if it never finished training)."""
+    """The numbers of one run directory (None if it never finished training); read once per run
+    (tables and figure ask for the same runs, and a run's spectra.json is megabytes)."""
     if not (path / "summary.json").is_file():
         return None
     run = load_run(path)
