@@ -2,25 +2,14 @@
 performance report is measured with, so a broken one must show here, not on the GPU machine."""
 
 import argparse
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = sys.modules[name] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from benchmark_scripts import load
 
 
 def test_bench_unload_small_on_cpu(tmp_path, capsys):
-    bench = _load("bench_unload")
+    bench = load("bench_unload")
     out = tmp_path / "unload.json"
     assert bench.main(["--small", "--device", "cpu", "--reps", "1", "--warmup", "0", "--json", str(out)]) == 0
     results = json.loads(out.read_text())
@@ -32,7 +21,7 @@ def test_bench_unload_small_on_cpu(tmp_path, capsys):
 
 
 def test_bench_unload_refuses_a_malformed_tile():
-    bench = _load("bench_unload")
+    bench = load("bench_unload")
     with pytest.raises(argparse.ArgumentTypeError, match="ROWSxCOLSxWARPS"):
         bench.tiles_argument("3x3")
     with pytest.raises(argparse.ArgumentTypeError, match="powers of two"):
@@ -41,7 +30,7 @@ def test_bench_unload_refuses_a_malformed_tile():
 
 
 def test_bench_train_step_small_on_cpu(tmp_path):
-    bench = _load("bench_train_step")
+    bench = load("bench_train_step")
     out = tmp_path / "step.json"
     assert bench.main(["--small", "--device", "cpu", "--json", str(out)]) == 0
     rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}

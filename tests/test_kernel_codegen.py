@@ -7,11 +7,10 @@ checks, without a GPU, that every weight read and write of the update kernels is
 access (``ld/st.global.v4``), and that no 2-byte store is left.
 """
 
-import importlib.util
 import re
-from pathlib import Path
 
 import pytest
+from benchmark_scripts import load
 
 triton = pytest.importorskip("triton")
 K = pytest.importorskip("plora.kernels")
@@ -21,10 +20,7 @@ if K.triton is None:  # pragma: no cover
 
 import triton.language as tl  # noqa: E402
 
-_spec = importlib.util.spec_from_file_location(
-    "kernel_resources", Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_resources.py")
-KR = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(KR)
+KR = load("kernel_resources")
 GROUPED, SINGLE = KR.GROUPED, KR.SINGLE
 
 

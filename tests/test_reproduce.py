@@ -1,17 +1,14 @@
 """The reproduction driver's plan logic (benchmarks/reproduce.py): parsing, merging, resolution."""
 
 import argparse
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from benchmark_scripts import load
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("reproduce", ROOT / "benchmarks" / "reproduce.py")
-R = sys.modules["reproduce"] = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(R)
+R = load("reproduce")
 
 
 def _write(tmp_path, text):
@@ -195,9 +192,7 @@ def test_report_tables_from_a_plan_folder(tmp_path, capsys):
     """reproduce_report reads what the driver wrote: sweep winner in bold, seeds as mean ± sd, differences."""
     import json
 
-    spec = importlib.util.spec_from_file_location("reproduce_report", ROOT / "benchmarks" / "reproduce_report.py")
-    report = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(report)
+    report = load("reproduce_report")
     plan = tmp_path / "plan.yaml"
     plan.write_text("""
 runs:
