@@ -144,8 +144,11 @@ if triton is not None:
             dm = tl.where(mask, d, 0.0)
             # one reduction over the whole tile: per-axis sums kept more values live (sm_90, triton 3.6:
             # 212 -> 166 registers for compensated, 2 -> 3 programs per SM; benchmarks/kernel_resources.py)
-            tl.atomic_add(STATS, tl.sum(tl.where(mask, landed, 0.0) * dm))
-            tl.atomic_add(STATS + 1, tl.sum(dm * dm))
+            # relaxed: nothing in this launch reads the sums, and the launch's end orders them for the
+            # reader. Triton's default (acq_rel) made every program wait for its W stores to complete
+            # before each atomic: the statistics then cost more than the update (bench_unload)
+            tl.atomic_add(STATS, tl.sum(tl.where(mask, landed, 0.0) * dm), sem="relaxed")
+            tl.atomic_add(STATS + 1, tl.sum(dm * dm), sem="relaxed")
 
     @triton.jit(do_not_specialize=["key_lo", "key_hi"])
     def unload_tile(

@@ -4,7 +4,9 @@ Memory-bound kernels live or die by vector loads and stores. The grouped kernels
 tensors' addresses from tables, and the compiler then knows nothing of their alignment: without
 plora's alignment hints it fell back to 2-byte accesses, which ran 4x slower on an H200. This
 checks, without a GPU, that every weight read and write of the update kernels is a 16-byte vector
-access (``ld/st.global.v4``), and that no 2-byte store is left.
+access (``ld/st.global.v4``), and that no 2-byte store is left; and that the statistics' atomics
+are relaxed (triton's default acq_rel made each program wait for its stores: on an H200 the
+statistics then cost more than the update itself).
 """
 
 import re
@@ -46,6 +48,20 @@ def test_grouped_update_uses_vector_loads_and_stores(mode, has_stats):
                            ["PTRS", "ALPHAS", "KEYS", "STATS", "M", "N", "stride_wm", "stride_lm", "stride_rk"]))
     assert "ld.global.v4.b32" in ops and "st.global.v4.b32" in ops, ops
     assert "st.global.b16" not in ops and "ld.global.b16" not in ops, ops
+
+
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "single-layer"])
+def test_statistics_atomics_are_relaxed(grouped):
+    constants = {"MODE": 1, "HAS_RES": True, "HAS_STATS": True, "BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 16}
+    if grouped:
+        constants["FACTOR_DTYPE"] = tl.float32
+        ptx = _ptx(K.unload_tile_grouped, GROUPED, constants, KR.GROUPED_ALIGNED)
+    else:
+        ptx = _ptx(K.unload_tile, SINGLE, constants, KR.SINGLE_ALIGNED)
+    atomics = re.findall(r"(?<![\w.])(?:atom|red)\.global[.\w]*", ptx)
+    assert len(atomics) == 2, atomics  # sum(landed * d) and sum(d * d), one each per program
+    assert all(".relaxed." in a for a in atomics), atomics
+    assert not re.search(r"\bfence\.|membar\.", ptx)
 
 
 def test_single_layer_update_uses_vector_loads_and_stores():
