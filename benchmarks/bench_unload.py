@@ -12,10 +12,12 @@ after a warm-up, in one run on one device:
   the final statistics sync, the finiteness check's sync included) divided by the number of
   layers: the overhead the grouped launches are there to keep small.
 - ``update only <mode>``: just the weight updates of those unloads (``addmm_`` for direct, the
-  grouped Triton launches of the plan for all three modes): what an unload cannot avoid. Probes
-  of where the grouped kernel's time goes (GPU only): the same launches without the per-layer
-  statistics (``no statistics``), with at most 128 registers per thread (4 programs per SM), and
-  with other tilings (``--tiles``).
+  grouped Triton launches of the plan for all three modes, with their statistics on the same 64
+  sampled rows per layer): what an unload cannot avoid. Probes of where the grouped kernel's time
+  goes (GPU only): the same launches with the statistics summed over every row
+  (``statistics on every row``, as ``landed_sample_rows=0``), without statistics (``no
+  statistics``), with at most 128 registers per thread (4 programs per SM), and with other tilings
+  (``--tiles``).
 - ``plora <mode>, torch path``: the unload with the Triton kernels switched off (GPU only).
 - ``naive merge``: what axolotl's ReLoRA does per layer, ``W += B @ A * scaling`` then A
   re-initialised (kaiming) and B zeroed.
@@ -181,12 +183,13 @@ def naive_merge(model):
             nn.init.zeros_(m.lora_B[a].weight)
 
 
-def update_only(layers, mode, plan, residuals, **launch):
+def update_only(layers, mode, plan, residuals, sample_rows=64, **launch):
     """The weight updates of one unload alone: addmm_ (direct, plan=None) or the plan's grouped kernels
-    (``launch``: keyword options of ``kernels.grouped_update_``)."""
+    with their statistics on ``sample_rows`` rows per layer (``launch``: keyword options of
+    ``kernels.grouped_update_``)."""
     if plan is not None:
         plan.refresh(mode, 1.0, residuals)
-        return lambda: plan.update_fused_(1, 0, **launch)
+        return lambda: plan.update_fused_(1, 0, sample_rows, **launch)
     work = [(layer.weight.data, *layer.factors(), layer.scaling) for layer in layers]
 
     def run():
@@ -289,11 +292,12 @@ def bench_model(shape, device, args, clock, copy_bps):
             s, _, growth = clock.measure(update_only(layers, mode, None, residuals), None, args.reps, args.warmup)
             row("update only direct (addmm_)", mode, s, growth, reference=naive_s)
         if fused:  # the plan's own launches, then the probes (launch options of grouped_update_)
-            launches = [("", {}), (", no statistics", {"has_stats": False}),
-                        (", at most 128 registers", {"max_registers": 128})]
+            launches = [("", {}), (", statistics on every row", {"sample_rows": 0}),
+                        (", no statistics", {"has_stats": False}), (", at most 128 registers", {"max_registers": 128})]
             launches += [(f", {bm}x{bn} tile, {warps} warps", {"tile": (bm, bn, warps)}) for bm, bn, warps in args.tiles]
             for suffix, launch in launches:
-                s, _, growth = clock.measure(update_only(layers, mode, plan, residuals, **launch), None,
+                options = {"sample_rows": args.landed_sample_rows, **launch}
+                s, _, growth = clock.measure(update_only(layers, mode, plan, residuals, **options), None,
                                              args.reps, args.warmup)
                 row(f"update only {mode} (Triton, grouped{suffix})", mode, s, growth, reference=naive_s,
                     probe=bool(launch))

@@ -32,8 +32,9 @@ SM90_MAX_WARPS = 64
 # the kernels' signatures, for compiling them without launching
 GROUPED = {"PTRS": "*i64", "ALPHAS": "*fp32", "KEYS": "*i64", "STATS": "*fp32", "G": "i32", "M": "i32", "N": "i32",
            "K": "i32", "stride_wm": "i32", "stride_lm": "i32", "stride_lk": "i32", "stride_rk": "i32",
-           "stride_rn": "i32", "MODE": "constexpr", "HAS_RES": "constexpr", "FACTOR_DTYPE": "constexpr",
-           "HAS_STATS": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
+           "stride_rn": "i32", "row_step": "i32", "MODE": "constexpr", "HAS_RES": "constexpr",
+           "FACTOR_DTYPE": "constexpr", "HAS_STATS": "constexpr", "STORE": "constexpr", "BLOCK_M": "constexpr",
+           "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
 GROUPED_ALIGNED = ["PTRS", "ALPHAS", "KEYS", "STATS", "M", "N", "stride_wm", "stride_lm", "stride_rk"]
 SINGLE = {"W": "*bf16", "RES": "*bf16", "L": "*fp32", "R": "*fp32", "STATS": "*fp32", "M": "i32", "N": "i32",
           "K": "i32", "stride_wm": "i32", "stride_lm": "i32", "stride_lk": "i32", "stride_rk": "i32",
@@ -132,7 +133,7 @@ def main(argv=None) -> int:
         constants = {"MODE": MODES[mode], "HAS_RES": mode == "compensated", "HAS_STATS": stats,
                      "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 16}
         if kind == "grouped":
-            constants["FACTOR_DTYPE"] = tl.float32
+            constants.update(FACTOR_DTYPE=tl.float32, STORE=True)
             k = compile_sm90(kernels.unload_tile_grouped, GROUPED, constants, GROUPED_ALIGNED, warps,
                              args.max_registers)
         else:

@@ -88,13 +88,13 @@ if triton is not None:
         W, RES, L, R, STATS,
         M, N, K,
         stride_wm, stride_lm, stride_lk, stride_rk, stride_rn,
-        alpha, key_lo, key_hi,
-        MODE: tl.constexpr, HAS_RES: tl.constexpr, HAS_STATS: tl.constexpr,
+        alpha, key_lo, key_hi, pid_m,
+        MODE: tl.constexpr, HAS_RES: tl.constexpr, HAS_STATS: tl.constexpr, STORE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
-        # One (BLOCK_M x BLOCK_N) tile of one layer: the body both launch forms share, so a layer
-        # gets the same bits whether it is updated alone or in a group.
-        pid_m = tl.program_id(0)
+        # One (BLOCK_M x BLOCK_N) tile of one layer, row tile pid_m: the body both launch forms share,
+        # so a layer gets the same bits whether it is updated alone or in a group. STORE=False computes
+        # the tile's statistics without writing anything (the statistics pass of grouped_update_).
         pid_n = tl.program_id(1)
         rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -125,7 +125,8 @@ if triton is not None:
                 t = t + r_old
                 new = to_bf16_rtne(t)
                 r_new = to_bf16_rtne(t - new.to(tl.float32))
-                tl.store(res_ptrs, r_new, mask=mask)
+                if STORE:
+                    tl.store(res_ptrs, r_new, mask=mask)
                 res_delta = r_new.to(tl.float32) - r_old
             else:
                 new = to_bf16_rtne(t)
@@ -137,16 +138,17 @@ if triton is not None:
             new = bits.to(tl.float32, bitcast=True).to(tl.bfloat16)  # exact: already a bf16 value
         else:
             new = to_bf16_rtne(t)
-        tl.store(W + offs, new, mask=mask)
+        if STORE:
+            tl.store(W + offs, new, mask=mask)
         if HAS_STATS:
             # what arrived in the weight state (W, plus the residual where one is kept), against d
             landed = new.to(tl.float32) - w_old + res_delta
             dm = tl.where(mask, d, 0.0)
             # one reduction over the whole tile: per-axis sums kept more values live (sm_90, triton 3.6:
-            # 212 -> 166 registers for compensated, 2 -> 3 programs per SM; benchmarks/kernel_resources.py)
-            # relaxed: nothing in this launch reads the sums, and the launch's end orders them for the
-            # reader. Triton's default (acq_rel) made every program wait for its W stores to complete
-            # before each atomic: the statistics then cost more than the update (bench_unload)
+            # 212 -> 166 registers for compensated, 2 -> 3 programs per SM; benchmarks/kernel_resources.py).
+            # Relaxed atomics: nothing in this launch reads the sums, and the launch's end orders them
+            # for the reader; triton's default (acq_rel) made every program wait for its W stores to
+            # complete first (47% -> 54% of copy bandwidth on an H200).
             tl.atomic_add(STATS, tl.sum(tl.where(mask, landed, 0.0) * dm), sem="relaxed")
             tl.atomic_add(STATS + 1, tl.sum(dm * dm), sem="relaxed")
 
@@ -162,17 +164,20 @@ if triton is not None:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         update_tile(W, RES, L, R, STATS, M, N, K, stride_wm, stride_lm, stride_lk, stride_rk, stride_rn,
-                    alpha, key_lo, key_hi, MODE, HAS_RES, HAS_STATS, BLOCK_M, BLOCK_N, BLOCK_K)
+                    alpha, key_lo, key_hi, tl.program_id(0), MODE, HAS_RES, HAS_STATS, True,
+                    BLOCK_M, BLOCK_N, BLOCK_K)
 
     @triton.jit
     def unload_tile_grouped(
         PTRS,  # int64 (4, G): data pointers of each layer's W, residual (W's when none), L, R
         ALPHAS,  # fp32 (G,): momentum * scaling per layer
         KEYS,  # int64 (G,): stochastic-rounding seed per layer (read in MODE 2 only)
-        STATS,  # fp32 (G, 2): [sum(landed * d), sum(d * d)] per layer, accumulated
+        STATS,  # fp32 (G, 3): [norm², sum(landed * d), sum(d * d)] per layer; the last two accumulated here
         G, M, N, K,
         stride_wm, stride_lm, stride_lk, stride_rk, stride_rn,
+        row_step,  # program (i, j, g) takes row tile i * row_step (1 but in the statistics pass)
         MODE: tl.constexpr, HAS_RES: tl.constexpr, FACTOR_DTYPE: tl.constexpr, HAS_STATS: tl.constexpr,
+        STORE: tl.constexpr,  # False: the statistics pass, which writes nothing but STATS
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         # program (tile_m, tile_n, layer): the layers of a group share shape, rank, strides, dtypes
@@ -189,9 +194,49 @@ if triton is not None:
             key = tl.load(KEYS + g)
             key_lo = key & 0x7FFFFFFF
             key_hi = (key >> 32) & 0x7FFFFFFF
-        update_tile(W, RES, L, R, STATS + 2 * g, M, N, K, stride_wm, stride_lm, stride_lk, stride_rk, stride_rn,
-                    tl.load(ALPHAS + g), key_lo, key_hi,
-                    MODE, HAS_RES, HAS_STATS, BLOCK_M, BLOCK_N, BLOCK_K)
+        update_tile(W, RES, L, R, STATS + 3 * g + 1, M, N, K, stride_wm, stride_lm, stride_lk, stride_rk, stride_rn,
+                    tl.load(ALPHAS + g), key_lo, key_hi, tl.program_id(0) * row_step,
+                    MODE, HAS_RES, HAS_STATS, STORE, BLOCK_M, BLOCK_N, BLOCK_K)
+
+    @triton.jit
+    def update_norms(
+        PTRS, ALPHAS,  # the tables of unload_tile_grouped (L and R pointers, alphas)
+        STATS,  # fp32 (G, 3): column 0 gets ||alpha L R||_F^2 per layer
+        M, N, K,
+        stride_lm, stride_lk, stride_rk, stride_rn,
+        FACTOR_DTYPE: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
+    ):
+        # ||alpha L R||_F^2 = alpha^2 sum((L^T L) * (R R^T)), from the factors alone: exact over every
+        # element while the update kernel samples its statistics. One program per layer; the Gram
+        # matrices are built in BLOCK_K x BLOCK_K blocks, so any rank works.
+        g = tl.program_id(0)
+        G = tl.num_programs(0)
+        L = tl.load(PTRS + 2 * G + g).to(tl.pointer_type(FACTOR_DTYPE))
+        R = tl.load(PTRS + 3 * G + g).to(tl.pointer_type(FACTOR_DTYPE))
+        total = 0.0
+        for a0 in range(0, K, BLOCK_K):
+            ka = a0 + tl.arange(0, BLOCK_K)
+            for b0 in range(0, K, BLOCK_K):
+                kb = b0 + tl.arange(0, BLOCK_K)
+                gl = tl.zeros((BLOCK_K, BLOCK_K), dtype=tl.float32)
+                for m0 in range(0, M, CHUNK):
+                    rows = (m0 + tl.arange(0, CHUNK)).to(tl.int64)
+                    la = tl.load(L + rows[:, None] * stride_lm + ka[None, :] * stride_lk,
+                                 mask=(rows < M)[:, None] & (ka < K)[None, :], other=0.0).to(tl.float32)
+                    lb = tl.load(L + rows[:, None] * stride_lm + kb[None, :] * stride_lk,
+                                 mask=(rows < M)[:, None] & (kb < K)[None, :], other=0.0).to(tl.float32)
+                    gl = tl.dot(tl.trans(la), lb, gl, input_precision="ieee")
+                gr = tl.zeros((BLOCK_K, BLOCK_K), dtype=tl.float32)
+                for n0 in range(0, N, CHUNK):
+                    cols = (n0 + tl.arange(0, CHUNK)).to(tl.int64)
+                    ra = tl.load(R + ka[:, None] * stride_rk + cols[None, :] * stride_rn,
+                                 mask=(ka < K)[:, None] & (cols < N)[None, :], other=0.0).to(tl.float32)
+                    rb = tl.load(R + kb[:, None] * stride_rk + cols[None, :] * stride_rn,
+                                 mask=(kb < K)[:, None] & (cols < N)[None, :], other=0.0).to(tl.float32)
+                    gr = tl.dot(ra, tl.trans(rb), gr, input_precision="ieee")
+                total += tl.sum(gl * gr)
+        alpha = tl.load(ALPHAS + g)
+        tl.store(STATS + 3 * g, alpha * alpha * total)
 
     @triton.jit
     def kaiming_fill(
@@ -329,14 +374,17 @@ def grouped_update_(
     mode: str,
     has_res: bool,
     *,
+    sample_rows: int = 0,
     has_stats: bool = True,
     tile: tuple[int, int, int] | None = None,
     max_registers: int | None = None,
 ) -> None:
     """``fused_update_`` for a group of layers in one launch; each layer gets the same bits as alone.
 
-    For every layer g: ``W_g <- round(W_g + alphas[g] * L_g @ R_g)`` under ``mode``, with ``stats[g]``
-    (fp32, shape (G, 2)) accumulating ``[sum(landed * d), sum(d * d)]``. ``ptrs`` is an int64 (4, G)
+    For every layer g: ``W_g <- round(W_g + alphas[g] * L_g @ R_g)`` under ``mode``. ``stats[g]``
+    (fp32, shape (G, 3)) gets ``||d||_F^2`` (exact, from the factors: a second, small launch) and
+    accumulates ``[sum(landed * d), sum(d * d)]`` over about ``sample_rows`` evenly spaced rows of W
+    (whole tiles of rows; 0 = every row, exact). ``ptrs`` is an int64 (4, G)
     table on the weights' device of the data pointers of W (contiguous bf16, ``shape[:2]`` = (M, N)),
     the residual (bf16, contiguous; any valid pointer without one), L (M, r) and R (r, N);
     ``shape[2]`` is the rank r, ``factor_strides`` the strides of L and R (shared by the group),
@@ -352,14 +400,23 @@ def grouped_update_(
     num_warps = 4
     if tile is not None:
         block_m, block_n, num_warps = tile
-    unload_tile_grouped[(_cdiv(M, block_m), _cdiv(N, block_n), G)](
-        ptrs, alphas, keys if keys is not None else ptrs, stats,
-        G, M, N, K,
-        N, *factor_strides,
-        MODE=_MODE_ID[mode], HAS_RES=has_res, FACTOR_DTYPE=_TL_DTYPE[factor_dtype], HAS_STATS=has_stats,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=16 if K <= 16 else 32,
-        num_warps=num_warps, **({"maxnreg": max_registers} if max_registers else {}),
-    )
+    tiles_m, tiles_n = _cdiv(M, block_m), _cdiv(N, block_n)
+    step = max(1, tiles_m // _cdiv(sample_rows, block_m)) if sample_rows > 0 else 1
+    args = (ptrs, alphas, keys if keys is not None else ptrs, stats, G, M, N, K, N, *factor_strides)
+    options = dict(MODE=_MODE_ID[mode], HAS_RES=has_res, FACTOR_DTYPE=_TL_DTYPE[factor_dtype],
+                   BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=16 if K <= 16 else 32, num_warps=num_warps,
+                   **({"maxnreg": max_registers} if max_registers else {}))
+    sampled = has_stats and step > 1
+    if sampled:
+        # The statistics of the sampled row tiles first, from W as it is (the same tile code, no
+        # stores), then the update without statistics: their reductions and atomics in every
+        # program took the kernel from 80% of copy bandwidth to 54% on an H200 (bench_unload).
+        unload_tile_grouped[(_cdiv(tiles_m, step), tiles_n, G)](*args, step, HAS_STATS=True, STORE=False, **options)
+    unload_tile_grouped[(tiles_m, tiles_n, G)](*args, 1, HAS_STATS=has_stats and not sampled, STORE=True, **options)
+    if has_stats:
+        update_norms[(G,)](ptrs, alphas, stats, M, N, K, *factor_strides,
+                           FACTOR_DTYPE=_TL_DTYPE[factor_dtype], BLOCK_K=16 if K <= 16 else 32, CHUNK=128,
+                           num_warps=4)
 
 
 def kaiming_fill_(ptrs: torch.Tensor, keys: torch.Tensor, numel: int, bound: float, dtype: torch.dtype) -> None:

@@ -26,9 +26,10 @@ How the update enters low-precision weights is the ``merge_precision``:
 
 Each unload returns ``UnloadStats``; its ``landed_share`` is the measured share of the merged
 update that arrived in the model's weight state (W, plus the residual buffer where one is kept):
-on CUDA with bf16 weights, the fused Triton kernels (``plora.kernels``) update each weight in one
-pass and measure it over every element; elsewhere it is estimated on ``landed_sample_rows``
-evenly spaced rows per layer (exact with 0 = all rows).
+it is measured on about ``landed_sample_rows`` evenly spaced rows per layer (exact with 0 = all
+rows): on CUDA with bf16 weights by the fused Triton kernels (``plora.kernels``), which update each
+weight in one pass and sum the statistics in whole tiles of rows; elsewhere by the torch path.
+``update_norm`` is exact on both paths (it comes from the factors).
 """
 
 from __future__ import annotations
@@ -229,9 +230,8 @@ def _enqueue_unload(model, momentum, *, adapter_name, merge_precision, seed, unl
         plan = UnloadPlan([layer for layer in plan.layers if layer.name not in skipped])
         plan.refresh(merge_precision, momentum, residuals)
     sums = None  # (norm², landed·expected, expected²), accumulated on the device
-    for part in plan.update_fused_(seed, unload_index):  # exact over all elements: norm² = sum(d²)
-        extra = torch.stack([part[1], part[0], part[1]])
-        sums = extra if sums is None else sums + extra.to(sums.device)
+    for part in plan.update_fused_(seed, unload_index, landed_sample_rows):
+        sums = part if sums is None else sums + part.to(sums.device)
     for layer, mode, residual in plan.torch_work:
         # the stochastic-rounding stream; the other modes draw nothing
         gen = reinit_generator(seed, layer.name, unload_index, layer.weight.device) if mode == "stochastic" else None

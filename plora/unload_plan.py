@@ -91,7 +91,7 @@ class _UpdateGroup:
     has_res: bool
     ptrs: torch.Tensor  # int64 (4, G): W, residual (W without one), L, R
     alphas: torch.Tensor  # fp32 (G,)
-    stats: torch.Tensor  # fp32 (G, 2): a view into its device's stats table
+    stats: torch.Tensor  # fp32 (G, 3): a view into its device's stats table
 
 
 @dataclass
@@ -110,7 +110,7 @@ class _DeviceWork:
     """The fused work of one device: its groups and the stats table they write into."""
 
     device: torch.device
-    stats: torch.Tensor  # fp32 (layers, 2)
+    stats: torch.Tensor  # fp32 (layers, 3): [norm², landed·d, d·d] per layer
     updates: list[_UpdateGroup]
     fills: list[_FillGroup]
 
@@ -190,7 +190,7 @@ class UnloadPlan:
             per_device.setdefault(key[0], []).append((key, members))
         out = []
         for device, groups in per_device.items():
-            stats = torch.zeros(sum(len(members) for _, members in groups), 2, dtype=torch.float32, device=device)
+            stats = torch.zeros(sum(len(members) for _, members in groups), 3, dtype=torch.float32, device=device)
             updates, start = [], 0
             for (_, M, N, K, fdtype, strides, mode, has_res, _), members in groups:
                 rows = [[layer.weight.data_ptr() for layer, _, _, _ in members],
@@ -222,8 +222,10 @@ class UnloadPlan:
             bad.update(name for name, ok in zip(owners, flags.tolist()) if not ok)
         return [name for name in self._names if name in bad]
 
-    def update_fused_(self, seed: int, unload_index: int, **launch) -> list[torch.Tensor]:
-        """Launch the grouped updates; per device, a float64 device tensor [sum(landed*d), sum(d*d)].
+    def update_fused_(self, seed: int, unload_index: int, sample_rows: int = 0, **launch) -> list[torch.Tensor]:
+        """Launch the grouped updates; per device, a float64 device tensor [norm², landed·d, d·d]:
+        the norm² of the merged update over every element, the other two over about ``sample_rows``
+        rows per layer (0 = all), as ``unload._unload_layer`` returns them.
 
         Stochastic rounding draws from ``reinit_seed(seed, layer, unload_index)``, as a layer
         updated on its own by ``kernels.fused_update_`` with that seed would. ``launch`` goes to
@@ -241,7 +243,7 @@ class UnloadPlan:
             for g in work.updates:
                 keys = next(tables) if g.mode == "stochastic" else None
                 kernels.grouped_update_(g.ptrs, g.alphas, keys, g.stats, g.shape, g.strides, g.factor_dtype, g.mode,
-                                        g.has_res, **launch)
+                                        g.has_res, sample_rows=sample_rows, **launch)
             out.append(work.stats.sum(0, dtype=torch.float64))
         return out
 

@@ -43,7 +43,7 @@ def _memory_ops(ptx: str) -> set:
 @pytest.mark.parametrize("mode", [0, 1, 2], ids=["direct", "compensated", "stochastic"])
 def test_grouped_update_uses_vector_loads_and_stores(mode, has_stats):
     constants = {"MODE": mode, "HAS_RES": mode == 1, "FACTOR_DTYPE": tl.float32, "HAS_STATS": has_stats,
-                 "BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 16}
+                 "STORE": True, "BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 16}
     ops = _memory_ops(_ptx(K.unload_tile_grouped, GROUPED, constants,
                            ["PTRS", "ALPHAS", "KEYS", "STATS", "M", "N", "stride_wm", "stride_lm", "stride_rk"]))
     assert "ld.global.v4.b32" in ops and "st.global.v4.b32" in ops, ops
@@ -54,7 +54,7 @@ def test_grouped_update_uses_vector_loads_and_stores(mode, has_stats):
 def test_statistics_atomics_are_relaxed(grouped):
     constants = {"MODE": 1, "HAS_RES": True, "HAS_STATS": True, "BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 16}
     if grouped:
-        constants["FACTOR_DTYPE"] = tl.float32
+        constants.update(FACTOR_DTYPE=tl.float32, STORE=True)
         ptx = _ptx(K.unload_tile_grouped, GROUPED, constants, KR.GROUPED_ALIGNED)
     else:
         ptx = _ptx(K.unload_tile, SINGLE, constants, KR.SINGLE_ALIGNED)
@@ -62,6 +62,16 @@ def test_statistics_atomics_are_relaxed(grouped):
     assert len(atomics) == 2, atomics  # sum(landed * d) and sum(d * d), one each per program
     assert all(".relaxed." in a for a in atomics), atomics
     assert not re.search(r"\bfence\.|membar\.", ptx)
+
+
+@pytest.mark.parametrize("mode", [0, 1, 2], ids=["direct", "compensated", "stochastic"])
+def test_statistics_pass_writes_nothing_but_its_sums(mode):
+    constants = {"MODE": mode, "HAS_RES": mode == 1, "FACTOR_DTYPE": tl.float32, "HAS_STATS": True,
+                 "STORE": False, "BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 16}
+    ptx = _ptx(K.unload_tile_grouped, GROUPED, constants, KR.GROUPED_ALIGNED)
+    assert not any(op.startswith("st.") for op in _memory_ops(ptx)), _memory_ops(ptx)
+    assert "ld.global.v4.b32" in _memory_ops(ptx)  # it reads W (and the residual) as the update does
+    assert len(re.findall(r"(?<![\w.])(?:atom|red)\.global", ptx)) == 2
 
 
 def test_single_layer_update_uses_vector_loads_and_stores():
@@ -86,12 +96,12 @@ def test_resource_report_reads_registers_and_occupancy():
         pytest.skip("this triton build has no CUDA backend")
     k = KR.compile_sm90(K.unload_tile_grouped, GROUPED,
                         {"MODE": 0, "HAS_RES": False, "FACTOR_DTYPE": tl.float32, "HAS_STATS": False,
-                         "BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 16}, KR.GROUPED_ALIGNED)
+                         "STORE": True, "BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 16}, KR.GROUPED_ALIGNED)
     regs, stack = KR.registers(k)
     assert 16 <= regs <= 255 and stack >= 0
     capped = KR.compile_sm90(K.unload_tile_grouped, GROUPED,
                              {"MODE": 0, "HAS_RES": False, "FACTOR_DTYPE": tl.float32, "HAS_STATS": False,
-                              "BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 16}, KR.GROUPED_ALIGNED, max_registers=64)
+                              "STORE": True, "BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 16}, KR.GROUPED_ALIGNED, max_registers=64)
     assert KR.registers(capped)[0] <= 64
     # 128 registers x 128 threads = 16,384: 4 programs by registers; 20 KiB shared: 11 by shared memory
     assert KR.occupancy(128, 20480, 4) == {"by_registers": 4, "by_shared": 11, "programs": 4, "warps": 16}

@@ -184,6 +184,7 @@ GROUPS = [
     (64, 96, 8, torch.float32, False, 3),
     (33, 70, 5, torch.bfloat16, False, 2),
     (48, 128, 16, torch.float32, True, 3),
+    (40, 64, 40, torch.float32, False, 2),  # a rank over 32: the products and Gram matrices in blocks
 ]
 
 
@@ -216,7 +217,7 @@ def check_grouped_update(device):
             got_w = [W.clone() for W, _, _ in layers]
             got_r = [None if res is None else res.clone() for res in res0]
             L, R = layers[0][1], layers[0][2]
-            stats = torch.zeros(count, 2, dtype=torch.float32, device=device)
+            stats = torch.zeros(count, 3, dtype=torch.float32, device=device)
             grouped_update_(_group_tables([(W, L_, R_) for W, (_, L_, R_) in zip(got_w, layers)], got_r, device),
                             torch.tensor(alphas, dtype=torch.float32, device=device),
                             torch.tensor(seeds, dtype=torch.int64, device=device), stats,
@@ -226,11 +227,36 @@ def check_grouped_update(device):
                 if res is not None:
                     assert torch.equal(got_r[i], res), (mode, m, n, i)
                 # fp32 atomics: the order of the tile sums may differ on a GPU
-                assert torch.allclose(stats[i], st, rtol=1e-4, atol=1e-7), (mode, m, n, i, stats[i], st)
+                assert torch.allclose(stats[i, 1:], st, rtol=1e-4, atol=1e-7), (mode, m, n, i, stats[i], st)
+                # the norm² from the factors' Gram matrices: sum(d * d) by another route
+                _, L_, R_ = layers[i]
+                norm2 = ((L_.double() @ R_.double()) * alphas[i]).square().sum().item()
+                assert stats[i, 0].item() == pytest.approx(norm2, rel=1e-5), (mode, m, n, i)
+            # statistics on a sample of rows: whole tiles of rows, every stats_every-th; the norm stays exact
+            got_w = [W.clone() for W, _, _ in layers]
+            got_r = [None if res is None else res.clone() for res in res0]
+            stats = torch.zeros(count, 3, dtype=torch.float32, device=device)
+            grouped_update_(_group_tables([(W, L_, R_) for W, (_, L_, R_) in zip(got_w, layers)], got_r, device),
+                            torch.tensor(alphas, dtype=torch.float32, device=device),
+                            torch.tensor(seeds, dtype=torch.int64, device=device), stats,
+                            (m, n, r), L.stride() + R.stride(), fdtype, mode, mode == "compensated",
+                            sample_rows=1, tile=(16, 32, 2))
+            sampled = torch.zeros(m, dtype=torch.bool)
+            sampled[:16] = True  # one row wanted: one tile of rows, the first
+            for i, ((W0, L_, R_), (W, res, _)) in enumerate(zip(layers, want)):
+                assert torch.equal(got_w[i], W), (mode, m, n, i, "sampled")
+                d = (L_.float() @ R_.float()).cpu() * alphas[i]
+                landed = got_w[i].float().cpu() - W0.float().cpu()
+                if res is not None:
+                    landed += got_r[i].float().cpu() - res0[i].float().cpu()
+                want_s = torch.stack([(landed * d)[sampled].sum(), (d * d)[sampled].sum()])
+                assert torch.allclose(stats[i, 1:].cpu(), want_s, rtol=2e-3, atol=1e-7), (mode, m, n, i, stats[i])
+                assert stats[i, 2].item() < 0.9 * (d * d).sum().item()  # a sample, not every row
+                assert stats[i, 0].item() == pytest.approx((d.double() ** 2).sum().item(), rel=2e-3)
             # the benchmark's knobs: another tiling, no statistics, a register cap; the same bits, stats untouched
             got_w = [W.clone() for W, _, _ in layers]
             got_r = [None if res is None else res.clone() for res in res0]
-            stats = torch.zeros(count, 2, dtype=torch.float32, device=device)
+            stats = torch.zeros(count, 3, dtype=torch.float32, device=device)
             grouped_update_(_group_tables([(W, L_, R_) for W, (_, L_, R_) in zip(got_w, layers)], got_r, device),
                             torch.tensor(alphas, dtype=torch.float32, device=device),
                             torch.tensor(seeds, dtype=torch.int64, device=device), stats,

@@ -105,6 +105,9 @@ def check_grouped_unload_equals_per_layer_kernel(device):
             for momentum in (1.0, 0.5):
                 model = build(device)
                 want_w, want_r = _per_layer_reference(model, momentum, mode, seed=7, unload_index=3)
+                want_norm = sum(((layer.factors()[0].double() @ layer.factors()[1].double())
+                                 * (momentum * layer.scaling)).square().sum().item()
+                                for layer in adapted_layers(model)) ** 0.5
                 plan, residuals = UnloadPlan(adapted_layers(model)), {}
                 stats = plora.unload_(model, momentum, merge_precision=mode, seed=7, unload_index=3,
                                       residuals=residuals, plan=plan)
@@ -115,6 +118,7 @@ def check_grouped_unload_equals_per_layer_kernel(device):
                         assert torch.equal(residuals[layer.name], want_r[layer.name])
                 assert stats.layers == (6 if build is stack_peft else 3)  # (without the brackets it asserted 3)
                 assert stats.landed_share == pytest.approx(1.0, abs=0.05 if mode == "stochastic" else 1e-3)
+                assert stats.update_norm == pytest.approx(want_norm, rel=1e-4)  # from the factors' Gram matrices
 
 
 def check_fused_unload_keeps_the_output(device):
