@@ -414,8 +414,10 @@ def grouped_update_(
         unload_tile_grouped[(_cdiv(tiles_m, step), tiles_n, G)](*args, step, HAS_STATS=True, STORE=False, **options)
     unload_tile_grouped[(tiles_m, tiles_n, G)](*args, 1, HAS_STATS=has_stats and not sampled, STORE=True, **options)
     if has_stats:
+        block_k = 16 if K <= 16 else 32
+        # 8,192 factor elements per load (64 per thread): few, long loads, as one program runs a layer
         update_norms[(G,)](ptrs, alphas, stats, M, N, K, *factor_strides,
-                           FACTOR_DTYPE=_TL_DTYPE[factor_dtype], BLOCK_K=16 if K <= 16 else 32, CHUNK=128,
+                           FACTOR_DTYPE=_TL_DTYPE[factor_dtype], BLOCK_K=block_k, CHUNK=8192 // block_k,
                            num_warps=4)
 
 
