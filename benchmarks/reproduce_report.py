@@ -4,9 +4,9 @@
     python benchmarks/reproduce_report.py OUT --plan PLAN --figure learning_ability.png > tables.md
 
 ``OUT`` is the folder ``benchmarks/reproduce.py`` wrote. Prints markdown: the learning-rate sweeps
-(held-out loss per learning rate, the chosen one in bold), what each choice resolved to, the
-headline pair over seeds (mean and sample standard deviation), and each ablation as a difference
-from the run it changes one thing of. Learning ability is ``plora compare``'s: the base model's
+(held-out loss per learning rate, the chosen one in bold), what each choice resolved to, every run
+that has seed variants (NAME-seed1, ...) as mean and sample standard deviation (two such runs also
+paired by seed), and each ablation as a difference from the run it changes one thing of. Learning ability is ``plora compare``'s: the base model's
 loss on a fixed slice of the training data minus the smoothed final training loss.
 ``--figure`` also draws every one-epoch run's learning ability against LoRA r=8's (seed mean,
 its seed spread shaded; runs with seeds get their own spread as an error bar).
@@ -80,12 +80,12 @@ def choice_lines(plan: dict, status: dict) -> list[str]:
     return lines
 
 
-def mean_sd(values: list, percent: bool = False) -> str:
-    """``mean ± sd (n=k)`` of the known values; accuracies in percent."""
+def mean_sd(values: list, percent: bool = False, unit: str = "%") -> str:
+    """``mean ± sd (n=k)`` of the known values; accuracies in percent (``unit`` " pt" for differences)."""
     vals = [100 * v if percent else v for v in values if v is not None]
     if not vals:
         return "—"
-    unit, digits = ("%", 2) if percent else ("", 4)
+    unit, digits = (unit, 2) if percent else ("", 4)
     m = statistics.fmean(vals)
     if len(vals) == 1:
         return f"{m:.{digits}f}{unit} (n=1)"
@@ -101,6 +101,17 @@ def seeds_table(out: Path, status: dict, groups: dict[str, list[str]]) -> list[s
         vals = [v for v in vals if v is not None]
         cells = [mean_sd([v[key] for v in vals], "%" in fmt) for _, key, fmt in METRICS]
         lines.append(f"| {label}: {', '.join(dirs)} | " + " | ".join(cells) + " |")
+    if len(groups) == 2:
+        # paired by seed: the two methods of a seed share its data order and initialisation, so the
+        # per-seed difference removes the seed's own effect (the spread the rows above include)
+        (label_a, names_a), (label_b, names_b) = groups.items()
+        pairs = [(run_values(out / status["resolved"].get(a, a)), run_values(out / status["resolved"].get(b, b)))
+                 for a, b in zip(names_a, names_b)]
+        pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
+        if pairs:
+            cells = [mean_sd([None if a.get(key) is None or b.get(key) is None else b[key] - a[key]
+                              for a, b in pairs], "%" in fmt, " pt") for _, key, fmt in METRICS]
+            lines.append(f"| {label_b} − {label_a}, paired by seed | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -201,18 +212,26 @@ def main(argv=None) -> int:
     status = json.loads(status_path.read_text())
     names = {r["name"] for r in plan["runs"]}
     parts = ["## Learning-rate sweeps (held-out loss on the last 500 training records)", "",
-             *sweep_table(args.out, plan, status), "", "## Choices", "", *choice_lines(plan, status), ""]
-    seeds = {"LoRA r=8": [n for n in ("lora-r8", "lora-r8-seed1", "lora-r8-seed2") if n in names],
-             "best PLoRA r=8": [n for n in ("plora-best", "plora-best-seed1", "plora-best-seed2") if n in names]}
-    parts += ["## Headline pair over seeds (mean ± sample standard deviation)", "",
-              *seeds_table(args.out, status, seeds), ""]
+             *sweep_table(args.out, plan, status), ""]
+    choices = choice_lines(plan, status)
+    if choices:
+        parts += ["## Choices", "", *choices, ""]
+    # every run with seed variants (NAME-seed1, ...) in plan order; the headline pair by its labels
+    labels = {"lora-r8": "LoRA r=8", "plora-best": "best PLoRA r=8"}
+    seeds = {labels.get(raw["name"], raw["name"]): [raw["name"]] + [f"{raw['name']}-seed{i}" for i in (1, 2)
+                                                    if f"{raw['name']}-seed{i}" in names]
+             for raw in plan["runs"] if f"{raw['name']}-seed1" in names}
+    if seeds:
+        parts += ["## Runs over seeds (mean ± sample standard deviation)", "",
+                  *seeds_table(args.out, status, seeds), ""]
     pairs = [(n, ref) for n, ref in (
         ("plora-r8-10pct", "lora-r8"), ("plora-r8-25pct", "lora-r8"), ("plora-r8-every-step", "lora-r8"),
         ("plora-r8-m0.5", "plora-period"), ("plora-r8-m0.1", "plora-period"),
         ("plora-attention", "plora-period"), ("lora-r8-attention", "lora-r8"),
         ("plora-rewarmup", "plora-period"), ("plora-keep-optimizer", "plora-period"),
         ("plora-direct-bf16", "plora-period"), ("plora-stochastic-bf16", "plora-period"),
-        ("plora-r8-epoch-2ep", "lora-r8-2ep"), ("lora-r64", "lora-r8"), ("full", "lora-r8"),
+        ("plora-r8-epoch-2ep", "lora-r8-2ep"), ("plora-best-2ep", "lora-r8-2ep"), ("lora-r64", "lora-r8"),
+        ("full", "lora-r8"),
     ) if n in names and ref in names]
     parts += ["## One change at a time (difference from the reference run; + is higher)", "",
               *delta_table(args.out, status, pairs), ""]

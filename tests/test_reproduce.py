@@ -55,12 +55,11 @@ def _trained(driver, name, loss):
     driver.settings[name] = driver.ready_settings(driver.entries[name])
 
 
-@pytest.mark.parametrize("name", ["reproduction.yaml", "reproduction-2026-11-29.yaml",
-                                  "reproduction-2026-11-29-round2.yaml"])
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "docs" / "results" / "plans").glob("*.yaml")))
 def test_shipped_plans_parse_and_refer_to_known_runs(name):
     plan, entries = R.load_plan(ROOT / "docs" / "results" / "plans" / name)
     names = {e.name for e in entries}
-    assert {"lora-r8", "plora-best", "lora-r8-seed1", "plora-best-seed1"} <= names
+    assert any(f"{n}-seed1" in names and f"{n}-seed2" in names for n in names)  # every round repeats over seeds
     assert all(f"{raw['name']}-lr{lr:g}" in names for raw in plan["runs"] for lr in raw.get("sweep_lr") or [])
     assert plan["holdout"]["records"] == 500
 
@@ -198,10 +197,13 @@ def test_report_tables_from_a_plan_folder(tmp_path, capsys):
 runs:
   - {name: lora-r8, sweep_lr: [1.0e-4, 1.0e-3], overrides: {method: lora}}
   - {name: lora-r8-seed1, base: lora-r8, overrides: {seed: 1}}
+  - {name: plora-best, overrides: {method: plora}}
+  - {name: plora-best-seed1, base: plora-best, overrides: {seed: 1}}
   - {name: full, overrides: {method: full}}
 """)
     out = tmp_path / "out"
-    runs = {"lora-r8-lr0.0001": 0.8, "lora-r8-lr0.001": 0.6, "lora-r8-seed1": 0.62, "full": 0.5}
+    runs = {"lora-r8-lr0.0001": 0.8, "lora-r8-lr0.001": 0.6, "lora-r8-seed1": 0.62, "full": 0.5,
+            "plora-best": 0.63, "plora-best-seed1": 0.64}
     for name, loss in runs.items():
         (out / name).mkdir(parents=True)
         (out / name / "summary.json").write_text(json.dumps(
@@ -218,6 +220,9 @@ runs:
     assert "0.0001: 0.8000, **0.001: 0.6000**" in text
     assert "| LoRA r=8: lora-r8-lr0.001, lora-r8-seed1 | 0.6100 ± 0.0141 (n=2)" in text
     assert "| full | lora-r8-lr0.001 | -0.1000 |" in text and "+1.0 pt" in text
+    # seed by seed: (0.63 - 0.60, 0.64 - 0.62)
+    assert "| best PLoRA r=8 − LoRA r=8, paired by seed | 0.0250 ± 0.0071 (n=2)" in text
+    assert "## Choices" not in text  # the plan makes none: no empty section
     not_run, by_hand = text.split("## Not run")[1].split("## Run after the driver ended")
     assert "eval full" in not_run and "lora-r8-seed1" not in not_run  # its summary is there: run by hand
     assert "train lora-r8-seed1" in by_hand
