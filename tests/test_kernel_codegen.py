@@ -27,12 +27,16 @@ GROUPED, SINGLE = KR.GROUPED, KR.SINGLE
 
 
 def _ptx(fn, signature: dict, constants: dict, aligned: list) -> str:
-    from triton.backends import backends
-
-    if "nvidia" not in backends:
+    if "nvidia" not in _backends():
         pytest.skip("this triton build has no CUDA backend")
     # no skip on errors: with the backend present, a kernel that does not compile is a failure
     return KR.compile_sm90(fn, signature, constants, aligned).asm["ptx"]
+
+
+def _backends():
+    from triton.backends import backends
+
+    return backends
 
 
 def _memory_ops(ptx: str) -> set:
@@ -72,6 +76,25 @@ def test_statistics_pass_writes_nothing_but_its_sums(mode):
     assert not any(op.startswith("st.") for op in _memory_ops(ptx)), _memory_ops(ptx)
     assert "ld.global.v4.b32" in _memory_ops(ptx)  # it reads W (and the residual) as the update does
     assert len(re.findall(r"(?<![\w.])(?:atom|red)\.global", ptx)) == 2
+
+
+@pytest.mark.parametrize("kpad", [16, 64], ids=["rank<=16", "rank<=64"])
+def test_norm_kernels_compile_with_relaxed_atomics(kpad):
+    """The update's norm: the Gram kernel accumulates with relaxed atomics; the product kernel stores."""
+    sig = {"PTRS": "*i64", "GRAMS": "*fp32", "M": "i32", "N": "i32", "K": "i32", "stride_lm": "i32",
+           "stride_lk": "i32", "stride_rk": "i32", "stride_rn": "i32", "FACTOR_DTYPE": "constexpr",
+           "BLOCK_K": "constexpr", "CHUNK": "constexpr", "KPAD": "constexpr"}
+    if "nvidia" not in _backends():
+        pytest.skip("this triton build has no CUDA backend")
+    k = KR.compile_sm90(K.factor_grams, sig, {"FACTOR_DTYPE": tl.float32, "BLOCK_K": 16, "CHUNK": 16, "KPAD": kpad},
+                        ["PTRS", "GRAMS"])
+    assert KR.registers(k)[1] == 0  # no spill: the fp32 products of 16 x 16 blocks stay in registers
+    ptx = k.asm["ptx"]
+    atomics = re.findall(r"(?<![\w.])(?:atom|red)\.global[.\w]*", ptx)
+    assert atomics and all(".relaxed." in a for a in atomics), atomics
+    sig = {"GRAMS": "*fp32", "ALPHAS": "*fp32", "STATS": "*fp32", "KPAD": "constexpr", "BLOCK": "constexpr"}
+    ptx = _ptx(K.gram_norms, sig, {"KPAD": kpad, "BLOCK": 1024}, ["GRAMS", "ALPHAS", "STATS"])
+    assert any(op.startswith("st.global") for op in _memory_ops(ptx))
 
 
 def test_single_layer_update_uses_vector_loads_and_stores():

@@ -269,6 +269,33 @@ def check_grouped_update(device):
             assert not stats.any()
 
 
+def check_update_norms(device):
+    """The update's norm from the factors' Gram matrices, over several chunks, slices and rank blocks."""
+    from plora.kernels import update_norms_
+
+    g = torch.Generator().manual_seed(3)
+    for m, n, r, fdtype, tr in [(100, 70, 40, torch.float32, False), (37, 90, 5, torch.bfloat16, True)]:
+        layers = []
+        for _ in range(3):
+            L = torch.randn(m, r, generator=g).to(fdtype)
+            R = torch.randn(r, n, generator=g).to(fdtype)
+            if tr:  # the strides of fan_in_fan_out layers
+                L, R = L.T.contiguous().T, R.T.contiguous().T
+            layers.append((L.to(device), R.to(device)))
+        alphas = [0.5, -2.0, 1.25]
+        ptrs = torch.tensor([[0] * 3, [0] * 3, [L.data_ptr() for L, _ in layers], [R.data_ptr() for _, R in layers]],
+                            dtype=torch.int64, device=device)
+        L0, R0 = layers[0]
+        want = [((L.double() @ R.double()) * a).square().sum().item() for (L, R), a in zip(layers, alphas)]
+        for slices in (3, 1, None):
+            stats = torch.full((3, 3), -1.0, device=device)
+            update_norms_(ptrs, torch.tensor(alphas, device=device), stats, (m, n, r), L0.stride() + R0.stride(),
+                          fdtype, slices=slices)
+            assert torch.allclose(stats[:, 0].double().cpu(), torch.tensor(want, dtype=torch.float64), rtol=1e-5), \
+                (m, n, r, slices, stats[:, 0], want)
+            assert (stats[:, 1:] == -1).all()  # only the norm column is written
+
+
 def check_kaiming_fill(device):
     """The re-init kernel: kaiming-uniform values, a function of the seed alone."""
     from plora.kernels import kaiming_fill_
@@ -303,7 +330,8 @@ def check_kaiming_fill(device):
     assert (hist - 1 / 8).abs().max().item() < 0.005
 
 
-CHECKS = [check_direct, check_compensated, check_stochastic, check_stats, check_grouped_update, check_kaiming_fill]
+CHECKS = [check_direct, check_compensated, check_stochastic, check_stats, check_grouped_update, check_update_norms,
+          check_kaiming_fill]
 
 
 # --- on a GPU: in process -------------------------------------------------------------------
