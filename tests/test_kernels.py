@@ -197,9 +197,24 @@ def _group_tables(layers, residuals, device):
     return torch.tensor(rows, dtype=torch.int64, device=device)
 
 
+def _run_grouped(layers, res0, alphas, seeds, fdtype, mode, device, **options):
+    """One ``grouped_update_`` launch on fresh copies of the layers: (weights, residuals, stats)."""
+    from plora.kernels import grouped_update_
+
+    got_w = [W.clone() for W, _, _ in layers]
+    got_r = [None if res is None else res.clone() for res in res0]
+    stats = torch.zeros(len(layers), 3, dtype=torch.float32, device=device)
+    (m, n), (L, R) = got_w[0].shape, layers[0][1:]
+    grouped_update_(_group_tables([(W, L_, R_) for W, (_, L_, R_) in zip(got_w, layers)], got_r, device),
+                    torch.tensor(alphas, dtype=torch.float32, device=device),
+                    torch.tensor(seeds, dtype=torch.int64, device=device), stats,
+                    (m, n, L.shape[1]), L.stride() + R.stride(), fdtype, mode, mode == "compensated", **options)
+    return got_w, got_r, stats
+
+
 def check_grouped_update(device):
     """One grouped launch gives every layer the bits the per-layer kernel gives it, and its stats."""
-    from plora.kernels import MODES, fused_update_, grouped_update_
+    from plora.kernels import MODES, fused_update_
 
     for mode in MODES:
         for m, n, r, fdtype, tr, count in GROUPS:
@@ -214,14 +229,8 @@ def check_grouped_update(device):
                 stats = torch.zeros(2, dtype=torch.float32, device=device)
                 fused_update_(W, L, R, alpha, mode, res, seed=seed, stats=stats)
                 want.append((W, res, stats))
-            got_w = [W.clone() for W, _, _ in layers]
-            got_r = [None if res is None else res.clone() for res in res0]
-            L, R = layers[0][1], layers[0][2]
-            stats = torch.zeros(count, 3, dtype=torch.float32, device=device)
-            grouped_update_(_group_tables([(W, L_, R_) for W, (_, L_, R_) in zip(got_w, layers)], got_r, device),
-                            torch.tensor(alphas, dtype=torch.float32, device=device),
-                            torch.tensor(seeds, dtype=torch.int64, device=device), stats,
-                            (m, n, r), L.stride() + R.stride(), fdtype, mode, mode == "compensated")
+            case = (layers, res0, alphas, seeds, fdtype, mode, device)
+            got_w, got_r, stats = _run_grouped(*case)
             for i, (W, res, st) in enumerate(want):
                 assert torch.equal(got_w[i], W), (mode, m, n, i)
                 if res is not None:
@@ -232,15 +241,8 @@ def check_grouped_update(device):
                 _, L_, R_ = layers[i]
                 norm2 = ((L_.double() @ R_.double()) * alphas[i]).square().sum().item()
                 assert stats[i, 0].item() == pytest.approx(norm2, rel=1e-5), (mode, m, n, i)
-            # statistics on a sample of rows: whole tiles of rows, every stats_every-th; the norm stays exact
-            got_w = [W.clone() for W, _, _ in layers]
-            got_r = [None if res is None else res.clone() for res in res0]
-            stats = torch.zeros(count, 3, dtype=torch.float32, device=device)
-            grouped_update_(_group_tables([(W, L_, R_) for W, (_, L_, R_) in zip(got_w, layers)], got_r, device),
-                            torch.tensor(alphas, dtype=torch.float32, device=device),
-                            torch.tensor(seeds, dtype=torch.int64, device=device), stats,
-                            (m, n, r), L.stride() + R.stride(), fdtype, mode, mode == "compensated",
-                            sample_rows=1, tile=(16, 32, 2))
+            # statistics on a sample of rows (whole tiles of rows, evenly spaced); the norm stays exact
+            got_w, got_r, stats = _run_grouped(*case, sample_rows=1, tile=(16, 32, 2))
             sampled = torch.zeros(m, dtype=torch.bool)
             sampled[:16] = True  # one row wanted: one tile of rows, the first
             for i, ((W0, L_, R_), (W, res, _)) in enumerate(zip(layers, want)):
@@ -254,14 +256,7 @@ def check_grouped_update(device):
                 assert stats[i, 2].item() < 0.9 * (d * d).sum().item()  # a sample, not every row
                 assert stats[i, 0].item() == pytest.approx((d.double() ** 2).sum().item(), rel=2e-3)
             # the benchmark's knobs: another tiling, no statistics, a register cap; the same bits, stats untouched
-            got_w = [W.clone() for W, _, _ in layers]
-            got_r = [None if res is None else res.clone() for res in res0]
-            stats = torch.zeros(count, 3, dtype=torch.float32, device=device)
-            grouped_update_(_group_tables([(W, L_, R_) for W, (_, L_, R_) in zip(got_w, layers)], got_r, device),
-                            torch.tensor(alphas, dtype=torch.float32, device=device),
-                            torch.tensor(seeds, dtype=torch.int64, device=device), stats,
-                            (m, n, r), L.stride() + R.stride(), fdtype, mode, mode == "compensated",
-                            has_stats=False, tile=(16, 32, 2), max_registers=128)
+            got_w, got_r, stats = _run_grouped(*case, has_stats=False, tile=(16, 32, 2), max_registers=128)
             for i, (W, res, _) in enumerate(want):
                 assert torch.equal(got_w[i], W), (mode, m, n, i, "tile")
                 if res is not None:
