@@ -204,6 +204,21 @@ if triton is not None:
                     MODE, HAS_RES, HAS_STATS, STORE, BLOCK_M, BLOCK_N, BLOCK_K)
 
     @triton.jit
+    def gram_block(P, count, stride_i, stride_k, K, ka, kb, start, step, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr):
+        # sum over i in chunks start, start + step, ... of P[i, ka]^T P[i, kb] (P: count x K, any
+        # strides): L^T L with P = L, R R^T with P = R^T (strides swapped). The left operand is
+        # loaded transposed as such: a transposed operand costs registers in tl.dot.
+        acc = tl.zeros((BLOCK_K, BLOCK_K), dtype=tl.float32)
+        for i0 in range(start, count, step):
+            i = (i0 + tl.arange(0, CHUNK)).to(tl.int64)
+            a_t = tl.load(P + ka[:, None] * stride_k + i[None, :] * stride_i,
+                          mask=(ka < K)[:, None] & (i < count)[None, :], other=0.0).to(tl.float32)
+            b = tl.load(P + i[:, None] * stride_i + kb[None, :] * stride_k,
+                        mask=(i < count)[:, None] & (kb < K)[None, :], other=0.0).to(tl.float32)
+            acc = tl.dot(a_t, b, acc, input_precision="ieee")
+        return acc
+
+    @triton.jit
     def factor_grams(
         PTRS,  # the pointer table of unload_tile_grouped (L and R are rows 2 and 3)
         GRAMS,  # fp32 (G, 2, KPAD, KPAD), zeroed: L^T L and R R^T per layer, accumulated
@@ -224,23 +239,8 @@ if triton is not None:
             ka = a0 + tl.arange(0, BLOCK_K)
             for b0 in range(0, K, BLOCK_K):
                 kb = b0 + tl.arange(0, BLOCK_K)
-                gl = tl.zeros((BLOCK_K, BLOCK_K), dtype=tl.float32)
-                for m0 in range(s * CHUNK, M, S * CHUNK):
-                    rows = (m0 + tl.arange(0, CHUNK)).to(tl.int64)
-                    # L[rows, ka]^T loaded as such: a transposed operand costs registers in tl.dot
-                    la_t = tl.load(L + ka[:, None] * stride_lk + rows[None, :] * stride_lm,
-                                   mask=(ka < K)[:, None] & (rows < M)[None, :], other=0.0).to(tl.float32)
-                    lb = tl.load(L + rows[:, None] * stride_lm + kb[None, :] * stride_lk,
-                                 mask=(rows < M)[:, None] & (kb < K)[None, :], other=0.0).to(tl.float32)
-                    gl = tl.dot(la_t, lb, gl, input_precision="ieee")
-                gr = tl.zeros((BLOCK_K, BLOCK_K), dtype=tl.float32)
-                for n0 in range(s * CHUNK, N, S * CHUNK):
-                    cols = (n0 + tl.arange(0, CHUNK)).to(tl.int64)
-                    ra = tl.load(R + ka[:, None] * stride_rk + cols[None, :] * stride_rn,
-                                 mask=(ka < K)[:, None] & (cols < N)[None, :], other=0.0).to(tl.float32)
-                    rb_t = tl.load(R + cols[:, None] * stride_rn + kb[None, :] * stride_rk,
-                                   mask=(cols < N)[:, None] & (kb < K)[None, :], other=0.0).to(tl.float32)
-                    gr = tl.dot(ra, rb_t, gr, input_precision="ieee")
+                gl = gram_block(L, M, stride_lm, stride_lk, K, ka, kb, s * CHUNK, S * CHUNK, CHUNK, BLOCK_K)
+                gr = gram_block(R, N, stride_rn, stride_rk, K, ka, kb, s * CHUNK, S * CHUNK, CHUNK, BLOCK_K)
                 offs = ka[:, None] * KPAD + kb[None, :]  # KPAD is a multiple of BLOCK_K: in bounds
                 tl.atomic_add(out + offs, gl, sem="relaxed")
                 tl.atomic_add(out + KPAD * KPAD + offs, gr, sem="relaxed")
