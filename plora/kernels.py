@@ -28,7 +28,8 @@ unload's host time far below its kernel time on models of many small layers.
 
 What landed: ``grouped_update_`` sums ``landed * d`` and ``d * d`` over about ``sample_rows`` rows
 per layer, in a pass of the same tile code that stores nothing, run before the update (summing
-them in every tile of the update took it from 80% of copy bandwidth to 54% on an H200), and
+them in every tile of the update took it from 80% of copy bandwidth to 54% on an H200; with
+``sample_rows=0``, or when the sample covers every row tile, the update sums them itself), and
 ``update_norms_`` computes the update's exact norm from the factors' Gram matrices.
 
 Accuracy: the rank-r product runs on tensor cores in one tf32 pass with fp32 accumulation. bf16 and

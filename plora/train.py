@@ -300,7 +300,7 @@ def _finalise_model(model, cfg: TrainConfig, run_dir: Path, tokenizer, plora_cb)
 
         # The last merge folds in what compensated merging still held back; what is left in the
         # residual afterwards is below half a unit of the weight's dtype, which it cannot hold.
-        residuals = plora_cb.unloader.residuals if plora_cb else None
+        residuals = _residuals(plora_cb)
         unload_(model, 1.0, merge_precision=cfg.plora.merge_precision, residuals=residuals,
                 unload_index=10**6, landed_sample_rows=0)
         model = model.unload()  # drop the (now zero) adapter layers

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from plora.config import PLoRAConfig
+from plora.config import UNLOAD_POINT_FIELDS, PLoRAConfig
 from plora.errors import UserError
 
 METHODS = ("lora", "plora", "full")
@@ -197,9 +197,6 @@ def parse_overrides(tokens: list[str]) -> dict:
     return out
 
 
-UNLOAD_POINTS = ("unload_every", "stages", "unload_every_epochs")
-
-
 def merge(base: dict, extra: dict) -> dict:
     """``extra`` over ``base``, section by section. PLoRA's unloading points are one choice: an
     ``extra`` that names one of them replaces whichever ``base`` named (they exclude each other)."""
@@ -208,8 +205,8 @@ def merge(base: dict, extra: dict) -> dict:
         key = key.replace("-", "_")
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             parent = out[key]
-            if key == "plora" and {k.replace("-", "_") for k in value} & set(UNLOAD_POINTS):
-                parent = {k: v for k, v in parent.items() if k.replace("-", "_") not in UNLOAD_POINTS}
+            if key == "plora" and {k.replace("-", "_") for k in value} & set(UNLOAD_POINT_FIELDS):
+                parent = {k: v for k, v in parent.items() if k.replace("-", "_") not in UNLOAD_POINT_FIELDS}
             out[key] = merge(parent, value)
         else:
             out[key] = value

@@ -285,7 +285,7 @@ def _fill_groups(device: torch.device, groups: list) -> list[_FillGroup]:
             if layer.kind != "linear" or layer.init_mode != "kaiming":
                 continue
             A = layer.adapter_tensors()[0]
-            if A.device == device and A.is_contiguous() and A.dtype in kernels.FACTOR_DTYPES and _aligned(A):
+            if A.is_contiguous():  # its dtype, device and alignment: fused_ok checked them on the factors
                 by_shape.setdefault((tuple(A.shape), A.dtype), []).append((layer.name, A))
     # kaiming_uniform_(a=sqrt(5)): gain sqrt(1/3), bound sqrt(3) * gain / sqrt(fan_in) = 1 / sqrt(fan_in)
     return [
