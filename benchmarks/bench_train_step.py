@@ -10,6 +10,8 @@ the same seed and trains on the same random tokens:
 - ``plora <mode>``: that LoRA plus ``plora.PeriodicUnloader`` unloading after every step, per
   ``merge_precision`` direct, stochastic (no extra memory) and compensated (+2 bytes per adapted
   weight element for its residual buffers).
+- ``lora (repeat)``: LoRA again, last: the ratios are to the mean of the two LoRA measurements, and
+  their gap shows how much the machine drifted over the run.
 
 Each step is timed with a device sync at its end (median over the timed steps, after warm-up).
 For PLoRA the unloader's call is timed apart from the training step, in the same step, so:

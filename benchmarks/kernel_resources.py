@@ -7,7 +7,7 @@ triton's own CUDA backend (no GPU needed), reads the register count from the cub
 ``cuobjdump`` triton ships, and prints how many programs (and warps) fit per SM by registers and
 by shared memory. It explains, it does not time: speed comes from ``bench_unload.py`` on a GPU.
 
-    python benchmarks/kernel_resources.py                 # the grouped kernel, every mode, with/without stats
+    python benchmarks/kernel_resources.py                 # grouped kernel per mode and tile, single-layer kernel
     python benchmarks/kernel_resources.py --tiles 32x128x4,64x128x4
 """
 
@@ -112,6 +112,8 @@ def main(argv=None) -> int:
                     help="ROWSxCOLSxWARPS,... (the kernel's default tile is 32x128x4)")
     ap.add_argument("--max-registers", type=int, default=None, help="compile with maxnreg (ptxas may spill)")
     args = ap.parse_args(argv)
+    if not args.tiles:
+        ap.error("--tiles: name at least one tile (the single-layer rows use the first)")
     try:
         import triton
         import triton.language as tl

@@ -146,7 +146,6 @@ class Driver:
         self.resolved: dict[str, str] = {}  # any name -> the trained run it stands for
         self.failed: dict[str, str] = {}
         self.trained: set[str] = set()
-        self.tested: set[str] = set()
         self.queued_eval: set[str] = set()
         self.running: list[Job] = []
         self.history: list[dict] = []
@@ -257,7 +256,7 @@ class Driver:
         jobs, listed = [], set()
         for prio, run in sorted(self.reported_runs()):
             # two names (a run and a best_of choosing it) can stand for one run: score it once
-            if run not in self.tested | self.queued_eval | listed and f"{run} (eval)" not in self.failed:
+            if run not in self.queued_eval | listed and f"{run} (eval)" not in self.failed:
                 listed.add(run)
                 jobs.append(Job(run, "eval", prio, self.eval_cmd(run), self.out / "logs" / f"{run}.eval.log"))
         busy = {j.name for j in self.running if j.kind == "train"}
@@ -321,7 +320,6 @@ class Driver:
             self.score[job.name] = summary.get("heldout_loss", float("inf"))
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         elif ok:
-            self.tested.add(job.name)
             add_test_results(run_dir)
             if not self.args.keep_models:
                 shutil.rmtree(run_dir / "model", ignore_errors=True)
@@ -383,7 +381,8 @@ class Driver:
                 self.running.remove(job)
                 self.finish(job)
             started = False
-            for job in self.candidates():
+            jobs = self.candidates()  # starting one changes no other's readiness: only finishing does
+            for job in jobs:
                 gpu = self.free_gpu()
                 if gpu is None:
                     break
@@ -391,7 +390,7 @@ class Driver:
                     continue  # would not finish in time; a shorter job kind may still fit
                 self.start(job, gpu)
                 started = True
-            pending = self.candidates()
+            pending = [job for job in jobs if job.proc is None]
             self.write_status(pending)
             if not self.running and not started and not self.held_back(pending):
                 break

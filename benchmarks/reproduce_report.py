@@ -3,13 +3,15 @@
     python benchmarks/reproduce_report.py OUT --plan docs/results/plans/reproduction.yaml > tables.md
     python benchmarks/reproduce_report.py OUT --plan PLAN --figure learning_ability.png > tables.md
 
-``OUT`` is the folder ``benchmarks/reproduce.py`` wrote. Prints markdown: the learning-rate sweeps
-(held-out loss per learning rate, the chosen one in bold), what each choice resolved to, every run
-that has seed variants (NAME-seed1, ...) as mean and sample standard deviation (two such runs also
-paired by seed), and each ablation as a difference from the run it changes one thing of. Learning ability is ``plora compare``'s: the base model's
-loss on a fixed slice of the training data minus the smoothed final training loss.
-``--figure`` also draws every one-epoch run's learning ability against LoRA r=8's (seed mean,
-its seed spread shaded; runs with seeds get their own spread as an error bar).
+``OUT`` is the folder ``benchmarks/reproduce.py`` wrote; the plan is read as the driver reads it
+(``reproduce.load_plan``). Prints markdown: the learning-rate sweeps (held-out loss per learning
+rate, the chosen one in bold), what each choice resolved to, every run that has seed variants
+(NAME-seed1, ...) as mean and sample standard deviation (two such runs also paired by seed), and
+each ablation as a difference from the run it changes one thing of. Learning ability is
+``plora compare``'s: the base model's loss on a fixed slice of the training data minus the
+smoothed final training loss. ``--figure`` also draws the learning ability of the one-epoch runs
+named in ``FIGURE_RUNS`` against LoRA r=8's (seed mean, its seed spread shaded; runs with seeds
+get their own spread as an error bar).
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from plora.compare import final_train_loss, load_run  # noqa: E402
+from reproduce import Entry, load_plan  # noqa: E402  (the plan as the driver expands it)
 
 METRICS = (  # (header, key, format)
     ("held-out loss", "heldout_loss", "{:.4f}"),
@@ -54,28 +58,27 @@ def _fmt(value, fmt: str) -> str:
     return "—" if value is None else fmt.format(value)
 
 
-def sweep_table(out: Path, plan: dict, status: dict) -> list[str]:
+def sweep_table(out: Path, entries: list[Entry], status: dict) -> list[str]:
     lines = ["| method | learning rate: held-out loss | chosen |", "| --- | --- | --- |"]
-    for raw in plan["runs"]:
-        if not raw.get("sweep_lr"):
+    for e in entries:
+        if not e.sweep_lr:
             continue
         cells = []
-        chosen = status["resolved"].get(raw["name"])
-        for lr in raw["sweep_lr"]:
-            child = f"{raw['name']}-lr{lr:g}"
-            v = run_values(out / child)
-            cell = f"{lr:g}: {_fmt(v and v['heldout_loss'], '{:.4f}')}"
-            cells.append(f"**{cell}**" if child == chosen else cell)
-        lines.append(f"| {raw['name']} | {', '.join(cells)} | {chosen or 'not resolved'} |")
+        chosen = status["resolved"].get(e.name)
+        for child in (c for c in entries if c.sweep_of == e.name):
+            v = run_values(out / child.name)
+            cell = f"{child.overrides['lr']:g}: {_fmt(v and v['heldout_loss'], '{:.4f}')}"
+            cells.append(f"**{cell}**" if child.name == chosen else cell)
+        lines.append(f"| {e.name} | {', '.join(cells)} | {chosen or 'not resolved'} |")
     return lines
 
 
-def choice_lines(plan: dict, status: dict) -> list[str]:
+def choice_lines(entries: list[Entry], status: dict) -> list[str]:
     lines = []
-    for raw in plan["runs"]:
-        if raw.get("best_of") and not raw.get("sweep_lr"):
-            got = status["resolved"].get(raw["name"])
-            lines.append(f"- `{raw['name']}` (lowest held-out loss of {', '.join(raw['best_of'])}): "
+    for e in entries:
+        if e.best_of and not e.sweep_lr:
+            got = status["resolved"].get(e.name)
+            lines.append(f"- `{e.name}` (lowest held-out loss of {', '.join(e.best_of)}): "
                          f"**{got or 'not resolved'}**")
     return lines
 
@@ -202,25 +205,27 @@ def main(argv=None) -> int:
     ap.add_argument("--plan", type=Path, required=True)
     ap.add_argument("--figure", type=Path, default=None, help="also write the learning-ability figure here (PNG)")
     args = ap.parse_args(argv)
-    import yaml
-
-    plan = yaml.safe_load(args.plan.read_text())
+    try:
+        plan, entries = load_plan(args.plan)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     status_path = args.out / "plan_status.json"
     if not status_path.is_file():
         print(f"error: {status_path} not found: not a reproduce.py output folder", file=sys.stderr)
         return 2
     status = json.loads(status_path.read_text())
-    names = {r["name"] for r in plan["runs"]}
-    parts = ["## Learning-rate sweeps (held-out loss on the last 500 training records)", "",
-             *sweep_table(args.out, plan, status), ""]
-    choices = choice_lines(plan, status)
+    names = {e.name for e in entries}
+    records = (plan.get("holdout") or {}).get("records", 500)
+    parts = [f"## Learning-rate sweeps (held-out loss on the last {records} training records)", "",
+             *sweep_table(args.out, entries, status), ""]
+    choices = choice_lines(entries, status)
     if choices:
         parts += ["## Choices", "", *choices, ""]
     # every run with seed variants (NAME-seed1, ...) in plan order; the headline pair by its labels
     labels = {"lora-r8": "LoRA r=8", "plora-best": "best PLoRA r=8"}
-    seeds = {labels.get(raw["name"], raw["name"]): [raw["name"]] + [f"{raw['name']}-seed{i}" for i in (1, 2)
-                                                    if f"{raw['name']}-seed{i}" in names]
-             for raw in plan["runs"] if f"{raw['name']}-seed1" in names}
+    seeds = {labels.get(e.name, e.name): [e.name] + [f"{e.name}-seed{i}" for i in (1, 2) if f"{e.name}-seed{i}" in names]
+             for e in entries if f"{e.name}-seed1" in names}
     if seeds:
         parts += ["## Runs over seeds (mean ± sample standard deviation)", "",
                   *seeds_table(args.out, status, seeds), ""]
