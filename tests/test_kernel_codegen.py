@@ -49,7 +49,7 @@ def test_grouped_update_uses_vector_loads_and_stores(mode, has_stats):
     constants = {"MODE": mode, "HAS_RES": mode == 1, "FACTOR_DTYPE": tl.float32, "HAS_STATS": has_stats,
                  "STORE": True, "BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 16}
     ops = _memory_ops(_ptx(K.unload_tile_grouped, GROUPED, constants,
-                           ["PTRS", "ALPHAS", "KEYS", "STATS", "M", "N", "stride_wm", "stride_lm", "stride_rk"]))
+                           KR.GROUPED_ALIGNED))
     assert "ld.global.v4.b32" in ops and "st.global.v4.b32" in ops, ops
     assert "st.global.b16" not in ops and "ld.global.b16" not in ops, ops
 
@@ -99,8 +99,8 @@ def test_norm_kernels_compile_with_relaxed_atomics(kpad):
 
 def test_single_layer_update_uses_vector_loads_and_stores():
     constants = {"MODE": 1, "HAS_RES": True, "HAS_STATS": True, "BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 16}
-    ops = _memory_ops(_ptx(K.unload_tile, SINGLE, constants,
-                           ["W", "RES", "L", "R", "STATS", "M", "N", "stride_wm", "stride_lm", "stride_rk"]))
+    ops = _memory_ops(_ptx(K.unload_tile, SINGLE, constants, KR.SINGLE_ALIGNED))
+    assert "ld.global.v4.b32" in ops and "ld.global.b16" not in ops, ops
     assert "st.global.v4.b32" in ops and "st.global.b16" not in ops, ops
 
 

@@ -60,7 +60,11 @@ def test_shipped_plans_parse_and_refer_to_known_runs(name):
     plan, entries = R.load_plan(ROOT / "docs" / "results" / "plans" / name)
     names = {e.name for e in entries}
     assert any(f"{n}-seed1" in names and f"{n}-seed2" in names for n in names)  # every round repeats over seeds
-    assert all(f"{raw['name']}-lr{lr:g}" in names for raw in plan["runs"] for lr in raw.get("sweep_lr") or [])
+    from plora.train_config import build_config, merge
+
+    for e in entries:  # every run's own settings make a valid training configuration
+        if e.best_of is None or e.sweep_lr:
+            build_config(plan.get("recipe", "gsm8k"), merge(plan.get("common") or {}, e.overrides))
     assert plan["holdout"]["records"] == 500
 
 
@@ -111,6 +115,11 @@ def test_reported_runs_are_sweep_winners_and_plain_runs(tmp_path):
     _trained(d, "lora-lr0.0001", 1.0)
     _trained(d, "lora-lr0.001", 2.0)
     assert [run for _, run in d.reported_runs()] == ["lora-lr0.0001"]
+    for name, loss in (("plora-lr0.0001", 0.8), ("plora-lr0.001", 0.9), ("plora-step", 1.0)):
+        _trained(d, name, loss)
+    # the sweeps' winners, the plain run plora-step, the best_of plora-period; never a sweep's loser
+    assert [run for _, run in d.reported_runs()] == ["lora-lr0.0001", "plora-lr0.0001", "plora-step",
+                                                     "plora-lr0.0001"]
 
 
 def test_a_run_chosen_under_two_names_is_scored_once(tmp_path):
@@ -129,18 +138,29 @@ def test_a_model_is_kept_while_a_reported_choice_may_still_pick_it(tmp_path):
                         "  - name: plora-best\n    best_of: [plora-period, plora-m]\n")
     for overrides in ("{plora: {momentum: 0.5}}", "{plora: {unload_every: 1}}"):
         plan = plan.replace(f"overrides: {overrides}", f"overrides: {overrides}\n    test: false")
-    d = _driver(tmp_path, plan)
-    for name, loss in (("plora-lr0.0001", 0.8), ("plora-lr0.001", 0.9), ("plora-step", 1.0), ("plora-m", 0.7)):
-        (d.out / name / "model").mkdir(parents=True)
-        (d.out / name / "summary.json").write_text(json.dumps({"heldout_loss": loss}))
-        job = R.Job(name, "train", 0, [], d.out / "x.log", settings=d.ready_settings(d.entries[name]))
-        job.proc = argparse.Namespace(returncode=0)
-        d.finish(job)  # what the driver does when a training job ends
+
+    def train_all(sub, losses):
+        (tmp_path / sub).mkdir()
+        d = _driver(tmp_path / sub, plan)
+        for name, loss in zip(("plora-lr0.0001", "plora-lr0.001", "plora-step", "plora-m"), losses):
+            (d.out / name / "model").mkdir(parents=True)
+            (d.out / name / "summary.json").write_text(json.dumps({"heldout_loss": loss}))
+            job = R.Job(name, "train", 0, [], d.out / "x.log", settings=d.ready_settings(d.entries[name]))
+            job.proc = argparse.Namespace(returncode=0)
+            d.finish(job)  # what the driver does when a training job ends
+        return d
+
+    d = train_all("a", (0.8, 0.9, 1.0, 0.7))
     assert (d.out / "plora-m" / "model").is_dir()  # plora-best may choose it: kept
     assert not (d.out / "plora-lr0.001" / "model").exists()  # lost its sweep and every choice
     assert (d.out / "plora-lr0.0001" / "model").is_dir()  # the sweep's winner is reported
     assert not (d.out / "plora-step" / "model").exists()  # lost plora-best once it was decided
     assert d.resolve("plora-best") == "plora-m"
+    # plora-step wins plora-period (test: false, no sweep) before plora-best is decided: kept until
+    # plora-m has trained, then chosen by plora-best
+    d = train_all("b", (0.8, 0.9, 0.6, 0.7))
+    assert d.resolve("plora-best") == "plora-step"
+    assert (d.out / "plora-step" / "model").is_dir()
 
 
 def test_a_longer_run_is_judged_by_its_epochs(tmp_path):

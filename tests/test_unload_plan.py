@@ -234,6 +234,21 @@ def check_misaligned_weight_takes_the_torch_path(device):
     assert layer.name not in fused and len(fused) == 5
 
 
+def check_cached_plan_gives_the_throwaway_plans_result(device):
+    """A plan kept over several unloads (its pointer tables reused) gives what a fresh plan gives."""
+    results = []
+    for cached in (True, False):
+        model = toy_peft(torch.bfloat16).to(device)
+        plan = UnloadPlan(adapted_layers(model)) if cached else None
+        residuals = {}
+        for i in range(3):
+            randomise_adapters_(model, seed=i)
+            plora.unload_(model, 1.0 if i % 2 else 0.5, unload_index=i, residuals=residuals, plan=plan)
+        results.append([t.clone() for t in model.state_dict().values()] + list(residuals.values()))
+    assert len(results[0]) == len(results[1])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
 CHECKS = [
     check_grouped_unload_equals_per_layer_kernel,
     check_misaligned_weight_takes_the_torch_path,
@@ -242,6 +257,7 @@ CHECKS = [
     check_tied_weights_are_updated_in_turn,
     check_plan_follows_new_storage,
     check_nonfinite_layer_is_skipped_on_the_fused_path,
+    check_cached_plan_gives_the_throwaway_plans_result,
 ]
 
 
@@ -292,16 +308,7 @@ def test_plan_is_rebuilt_only_when_something_changed(monkeypatch):
 
 
 def test_cached_plan_gives_the_throwaway_plans_result():
-    results = []
-    for cached in (True, False):
-        model = toy_peft(torch.bfloat16)
-        plan = UnloadPlan(adapted_layers(model)) if cached else None
-        residuals = {}
-        for i in range(3):
-            randomise_adapters_(model, seed=i)
-            plora.unload_(model, 1.0 if i % 2 else 0.5, unload_index=i, residuals=residuals, plan=plan)
-        results.append([t.clone() for t in model.state_dict().values()] + list(residuals.values()))
-    assert all(torch.equal(a, b) for a, b in zip(*results))
+    check_cached_plan_gives_the_throwaway_plans_result("cpu")  # the torch path; the fused one in CHECKS
 
 
 def _old_reset(optimizer, params):
