@@ -17,7 +17,7 @@ after a warm-up, in one run on one device:
   goes (GPU only): the same launches with the statistics summed over every row
   (``statistics on every row``, as ``landed_sample_rows=0``), without statistics (``no
   statistics``), with at most 128 registers per thread (4 programs per SM), and with other tilings
-  (``--tiles``).
+  (``--tiles``); and ``norms only``: the exact ``update_norm`` (``kernels.update_norms_``) alone.
 - ``plora <mode>, torch path``: the unload with the Triton kernels switched off (GPU only).
 - ``naive merge``: what axolotl's ReLoRA does per layer, ``W += B @ A * scaling`` then A
   re-initialised (kaiming) and B zeroed.
@@ -200,6 +200,21 @@ def update_only(layers, mode, plan, residuals, sample_rows=64, **launch):
     return run
 
 
+def norms_only(plan, residuals):
+    """The exact ``update_norm`` of one unload alone (``kernels.update_norms_`` on every group): the
+    part of the statistics that sampling does not shrink."""
+    from plora import kernels
+
+    plan.refresh("direct", 1.0, residuals)
+
+    def run():
+        for work in plan._devices:
+            for g in work.updates:
+                kernels.update_norms_(g.ptrs, g.alphas, g.stats, g.shape, g.strides, g.factor_dtype)
+
+    return run
+
+
 def optimizer_reset(layers, device, clock, args):
     """(synchronised, host-only) seconds of reset_adapter_state on an AdamW state of the adapter."""
     params = [t for layer in layers for t in layer.adapter_tensors()]
@@ -301,6 +316,9 @@ def bench_model(shape, device, args, clock, copy_bps):
                                              args.reps, args.warmup)
                 row(f"update only {mode} (Triton, grouped{suffix})", mode, s, growth, reference=naive_s,
                     probe=bool(launch))
+            if mode == "direct":  # the exact norm of the update alone (same for every mode)
+                s, _, growth = clock.measure(norms_only(plan, residuals), None, args.reps, args.warmup)
+                row("norms only (Triton, factor Grams)", mode, s, growth, reference=naive_s, probe=True)
         del residuals, plan
 
     row("naive merge (ReLoRA)", "direct", naive_s, naive_growth, reference=naive_s)
