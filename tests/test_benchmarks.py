@@ -37,3 +37,33 @@ def test_bench_train_step_small_on_cpu(tmp_path):
     assert set(rows) == {"full", "lora", "plora direct", "plora stochastic", "plora compensated", "lora (repeat)"}
     assert all(r["step_s"] > 0 and "step_vs_lora" in r for r in rows.values())
     assert all(set(r["pass"]) == {"every step", "every 100", "memory"} for v, r in rows.items() if v.startswith("plora"))
+
+
+def test_profile_unload_small_on_cpu(tmp_path, capsys):
+    prof = load("profile_unload")
+    out = tmp_path / "profile.json"
+    assert prof.main(["--device", "cpu", "--models", "tiny", "--modes", "direct", "--warmup", "1", "--reps", "2",
+                      "--json", str(out)]) == 0
+    (result,) = json.loads(out.read_text())
+    assert result["layers"] == 14 and len(result["unloads"]) == 2
+    for row in result["unloads"]:
+        # every phase the CPU unload runs is marked; on the CPU there are no kernels
+        assert {"refresh", "finiteness check", "grouped updates", "re-init"} <= set(row["phases_host_us"])
+        assert 0 < sum(row["phases_host_us"].values()) <= row["wall_us"] and row["kernels"] == 0
+    assert "| wall | GPU busy |" in capsys.readouterr().out
+
+
+def test_profile_unload_analyses_a_trace():
+    prof = load("profile_unload")
+    assert prof.union_length([(0, 4), (2, 6), (10, 11), (3, 5)]) == 7
+    trace = {"traceEvents": [
+        {"ph": "X", "name": "plora: unload", "ts": 100, "dur": 100},
+        {"ph": "X", "name": "plora: refresh", "ts": 101, "dur": 5},
+        {"ph": "X", "name": "plora: grouped updates", "ts": 110, "dur": 20},
+        {"ph": "X", "cat": "kernel", "name": "triton_norm", "ts": 115, "dur": 10},
+        {"ph": "X", "cat": "kernel", "name": "unload_tile_grouped_0d1d", "ts": 140, "dur": 50},
+        {"ph": "X", "cat": "kernel", "name": "outside", "ts": 300, "dur": 5},
+    ]}
+    (row,) = prof.analyse(trace)["unloads"]
+    assert row["gpu_busy_us"] == 60 and row["kernels"] == 2 and row["first_update_kernel_after_us"] == 40
+    assert row["phases_host_us"] == {"refresh": 5, "grouped updates": 20}

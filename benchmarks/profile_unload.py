@@ -1,0 +1,187 @@
+"""Where an unload's time goes outside its weight updates: a torch.profiler trace of ``unload_``.
+
+``bench_unload.py`` measures the whole unload and its update kernels; the difference (2-4 ms on the
+7B shape) is what this script takes apart. It unloads the Llama-shaped linear layers of
+``bench_unload`` a few times with a kept ``UnloadPlan`` (as ``PeriodicUnloader`` does), profiles the
+last unloads with each phase of ``plora.unload._enqueue_unload`` marked (the plan's refresh, the
+finiteness check with its host sync, the grouped updates, the re-init, the final statistics sync),
+and prints per phase its host time, then for the whole unload its wall time, the time the GPU was
+busy (the union of its kernels) and how long the GPU waited before the first update kernel::
+
+    python benchmarks/profile_unload.py --models llama-2-7b --trace trace.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_unload  # noqa: E402
+
+from plora.layers import adapted_layers  # noqa: E402
+from plora.unload import unload_  # noqa: E402
+from plora.unload_plan import UnloadPlan  # noqa: E402
+
+PHASES = {"refresh": "refresh", "nonfinite": "finiteness check", "update_fused_": "grouped updates",
+          "reinit_": "re-init", "scale_b_": "scale B"}
+
+
+@contextmanager
+def marked_phases(plan: UnloadPlan):
+    """Wrap the plan's methods in ``record_function`` ranges named after the phases, for this block only."""
+    saved = {}
+    for method, label in PHASES.items():
+        original = getattr(plan, method)
+        saved[method] = original
+
+        def wrapped(*args, _original=original, _label=label, **kwargs):
+            with torch.profiler.record_function(f"plora: {_label}"):
+                return _original(*args, **kwargs)
+
+        setattr(plan, method, wrapped)
+    try:
+        yield
+    finally:
+        for method in saved:
+            delattr(plan, method)  # the instance attribute goes; the class's method shows through
+
+
+def union_length(intervals: list[tuple[float, float]]) -> float:
+    """Total length covered by (start, end) intervals, overlaps counted once."""
+    total, end = 0.0, float("-inf")
+    for s, e in sorted(intervals):
+        if s > end:
+            total += e - s
+            end = e
+        elif e > end:
+            total += e - end
+            end = e
+    return total
+
+
+def analyse(trace: dict) -> dict:
+    """Per profiled unload (``plora: unload`` ranges): phase host times, wall, GPU busy, first-kernel wait (µs)."""
+    events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and "dur" in e]
+    unloads = sorted((e for e in events if e.get("name") == "plora: unload"), key=lambda e: e["ts"])
+    kernels = [(e["ts"], e["ts"] + e["dur"], e["name"]) for e in events if e.get("cat") == "kernel"]
+    marks = [e for e in events if str(e.get("name", "")).startswith("plora: ") and e.get("name") != "plora: unload"]
+    rows = []
+    for u in unloads:
+        start, end = u["ts"], u["ts"] + u["dur"]
+        inside = [(s, e, n) for s, e, n in kernels if s < end and e > start]
+        phases = {}
+        for m in marks:
+            if start <= m["ts"] <= end:
+                label = m["name"][len("plora: "):]
+                phases[label] = phases.get(label, 0.0) + m["dur"]
+        updates = [s for s, _, n in inside if "unload_tile" in n]
+        rows.append({
+            "wall_us": u["dur"],
+            "gpu_busy_us": union_length([(max(s, start), min(e, end)) for s, e, _ in inside]),
+            "kernels": len(inside),
+            "first_update_kernel_after_us": (min(updates) - start) if updates else None,
+            "phases_host_us": phases,
+            "kernel_us_by_name": _by_name(inside),
+        })
+    return {"unloads": rows}
+
+
+def _by_name(kernels) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for s, e, n in kernels:
+        short = n.split("(")[0][:60]
+        out[short] = out.get(short, 0.0) + (e - s)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def profile_model(shape: str, device: str, mode: str, warmup: int, reps: int, trace_path: str | None) -> dict:
+    model = bench_unload.build(shape, device)
+    layers = adapted_layers(model)
+    plan = UnloadPlan(layers)
+    residuals = {} if mode == "compensated" else None
+
+    def one(i):
+        with torch.profiler.record_function("plora: unload"):
+            unload_(model, merge_precision=mode, residuals=residuals, layers=layers, plan=plan, unload_index=i)
+
+    for i in range(warmup):
+        one(i)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.startswith("cuda"):
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+        torch.cuda.synchronize()
+    walls = []
+    with marked_phases(plan), torch.profiler.profile(activities=activities) as prof:
+        for i in range(reps):
+            t0 = time.perf_counter()
+            one(warmup + i)
+            walls.append(time.perf_counter() - t0)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = trace_path or os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            result = analyse(json.load(f))
+    result.update(shape=shape, mode=mode, layers=len(layers), wall_ms_unprofiled_loop=[w * 1e3 for w in walls])
+    del model, layers, plan
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return result
+
+
+def report(result: dict) -> str:
+    rows = result["unloads"]
+
+    def med(key):
+        values = [r[key] for r in rows if r[key] is not None]
+        return statistics.median(values) if values else float("nan")
+
+    labels = sorted({k for r in rows for k in r["phases_host_us"]}, key=list(PHASES.values()).index)
+    lines = [f"### {result['shape']}, {result['mode']}: {result['layers']} layers, {len(rows)} profiled unloads "
+             "(medians, µs)", "",
+             "| wall | GPU busy | GPU idle | kernels | first update kernel after | "
+             + " | ".join(f"host: {label}" for label in labels) + " | host: the rest (torch-path layers, statistics sync) |",
+             "| ---: | ---: | ---: | ---: | ---: | " + " | ".join("---:" for _ in labels) + " | ---: |"]
+    rest = statistics.median(r["wall_us"] - sum(r["phases_host_us"].values()) for r in rows)
+    lines.append(f"| {med('wall_us'):.0f} | {med('gpu_busy_us'):.0f} | {med('wall_us') - med('gpu_busy_us'):.0f} | "
+                 f"{med('kernels'):.0f} | {med('first_update_kernel_after_us'):.0f} | "
+                 + " | ".join(f"{statistics.median(r['phases_host_us'].get(lb, 0.0) for r in rows):.0f}"
+                              for lb in labels) + f" | {rest:.0f} |")
+    lines += ["", "GPU time by kernel (last unload, µs): " + ", ".join(
+        f"{name} {us:.0f}" for name, us in list(rows[-1]["kernel_us_by_name"].items())[:8]), ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--models", nargs="+", default=["llama-2-7b"], choices=sorted(bench_unload.SHAPES))
+    p.add_argument("--modes", nargs="+", default=["direct", "compensated"], choices=bench_unload.MODES)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--trace", help="also write the chrome trace of the last profile here")
+    p.add_argument("--json", help="write the analysis here")
+    args = p.parse_args(argv)
+    if args.warmup < 1 or args.reps < 1:
+        p.error("--warmup and --reps must be at least 1")
+    results = []
+    for shape in args.models:
+        for mode in args.modes:
+            results.append(profile_model(shape, args.device, mode, args.warmup, args.reps, args.trace))
+            print(report(results[-1]), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
