@@ -33,6 +33,7 @@ from plora.unload_plan import UnloadPlan  # noqa: E402
 
 PHASES = {"refresh": "refresh", "nonfinite": "finiteness check", "update_fused_": "grouped updates",
           "reinit_": "re-init", "scale_b_": "scale B"}
+GPU_WORK = ("kernel", "gpu_memcpy", "gpu_memset")  # what occupies the GPU in a chrome trace
 
 
 @contextmanager
@@ -71,9 +72,11 @@ def union_length(intervals: list[tuple[float, float]]) -> float:
 def analyse(trace: dict) -> dict:
     """Per profiled unload (``plora: unload`` ranges): phase host times, wall, GPU busy, first-kernel wait (µs)."""
     events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and "dur" in e]
-    unloads = sorted((e for e in events if e.get("name") == "plora: unload"), key=lambda e: e["ts"])
-    kernels = [(e["ts"], e["ts"] + e["dur"], e["name"]) for e in events if e.get("cat") == "kernel"]
-    marks = [e for e in events if str(e.get("name", "")).startswith("plora: ") and e.get("name") != "plora: unload"]
+    # host ranges only: with CUDA, each range also appears on the GPU's timeline (gpu_user_annotation)
+    host = [e for e in events if e.get("cat") == "user_annotation" and str(e.get("name", "")).startswith("plora: ")]
+    unloads = sorted((e for e in host if e["name"] == "plora: unload"), key=lambda e: e["ts"])
+    marks = [e for e in host if e["name"] != "plora: unload"]
+    kernels = [(e["ts"], e["ts"] + e["dur"], e["name"]) for e in events if e.get("cat") in GPU_WORK]
     rows = []
     for u in unloads:
         start, end = u["ts"], u["ts"] + u["dur"]

@@ -401,6 +401,7 @@ def grouped_update_(
     *,
     sample_rows: int = 0,
     has_stats: bool = True,
+    norms: bool = True,
     tile: tuple[int, int, int] | None = None,
     max_registers: int | None = None,
 ) -> None:
@@ -415,7 +416,8 @@ def grouped_update_(
     ``shape[2]`` is the rank r, ``factor_strides`` the strides of L and R (shared by the group),
     ``factor_dtype`` one of ``FACTOR_DTYPES``; ``keys`` (int64, (G,)) are the stochastic seeds.
     No checks: the caller (``plora.unload_plan``) built the tables from validated tensors.
-    ``has_stats=False`` skips the statistics, ``tile`` = (block_m, block_n, num_warps) replaces
+    ``norms=False`` leaves ``stats[:, 0]`` to the caller, who computed it with ``update_norms_``
+    (``UnloadPlan.nonfinite`` does, before any update). ``has_stats=False`` skips the statistics, ``tile`` = (block_m, block_n, num_warps) replaces
     the default tiling and ``max_registers`` caps the registers per thread (ptxas may spill): all
     three for the benchmark, to time what they cost; the bits of W do not depend on them.
     """
@@ -438,7 +440,7 @@ def grouped_update_(
         # program took the kernel from 80% of copy bandwidth to 54% on an H200 (bench_unload).
         unload_tile_grouped[(_cdiv(tiles_m, step), tiles_n, G)](*args, step, HAS_STATS=True, STORE=False, **options)
     unload_tile_grouped[(tiles_m, tiles_n, G)](*args, 1, HAS_STATS=has_stats and not sampled, STORE=True, **options)
-    if has_stats:
+    if has_stats and norms:
         update_norms_(ptrs, alphas, stats, shape, factor_strides, factor_dtype)
 
 

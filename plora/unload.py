@@ -230,7 +230,8 @@ def _enqueue_unload(model, momentum, *, adapter_name, merge_precision, seed, unl
         plan = UnloadPlan([layer for layer in plan.layers if layer.name not in skipped])
         plan.refresh(merge_precision, momentum, residuals)
     sums = None  # (norm², landed·expected, expected²), accumulated on the device
-    for part in plan.update_fused_(seed, unload_index, landed_sample_rows):
+    # the norms of the fused updates came with the finiteness check, unless the plan was rebuilt since
+    for part in plan.update_fused_(seed, unload_index, landed_sample_rows, norms=bool(bad)):
         sums = part if sums is None else sums + part.to(sums.device)
     for layer, mode, residual in plan.torch_work:
         # the stochastic-rounding stream; the other modes draw nothing

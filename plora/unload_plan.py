@@ -176,8 +176,13 @@ class UnloadPlan:
                    mode, residual is not None, nth)
             fused.setdefault(key, []).append((layer, residual, L, R))
         self._devices = self._device_work(fused, momentum)
+        # the fused layers' factors are checked through their update norms (``nonfinite``); every
+        # other adapter tensor (the torch path's layers, a fused layer's lora_bias) by a norm of its own
+        by_norm = {name for work in self._devices for g in work.updates for name in g.names}
         self._finite = _by_device_and_dtype(
-            (t, layer.name) for layer in self.layers for t in layer.adapter_tensors())
+            (t, layer.name) for layer in self.layers
+            for t in (layer.adapter_tensors() if layer.name not in by_norm else [layer.lora_bias])
+            if t is not None)
         self._b_all = _by_device_and_dtype((t, None) for layer in self.layers for t in layer.b_tensors())
         filled = {name for work in self._devices for fill in work.fills for name in fill.names}
         self._b_filled = _by_device_and_dtype(
@@ -212,20 +217,42 @@ class UnloadPlan:
     def nonfinite(self) -> list[str]:
         """Names of layers whose adapter holds NaN or Inf, in layer order.
 
-        One multi-tensor norm per device and dtype (a NaN or Inf anywhere makes a norm non-finite)
-        and one host sync per device for all layers (the unload's only sync before its updates).
+        A NaN or Inf anywhere makes a norm non-finite. The fused layers' factors are checked through
+        the exact norm of their update, ``||alpha L R||_F^2`` from the factors' Gram matrices (a few
+        launches per device, written into the stats table, where ``update_fused_(norms=False)``
+        then finds them); the other adapter tensors through one multi-tensor norm per device and
+        dtype (an update whose norm overflows fp32 is refused as well: merging it would be no
+        better). One host sync for all layers: the unload's only one before its updates, so the host
+        work in front of it is kept to a few launches (a multi-tensor norm over every adapter tensor
+        of a 7B model cost about 2 ms of host time on an H200).
         """
-        bad = set()
+        if self._devices:
+            from plora import kernels
+
+        flags, owners = [], []
+        for work in self._devices:
+            work.stats.zero_()
+            for g in work.updates:
+                kernels.update_norms_(g.ptrs, g.alphas, g.stats, g.shape, g.strides, g.factor_dtype)
+                owners += g.names
+            flags.append(torch.isfinite(work.stats[:, 0]))
         for groups in self._finite.values():
-            flags = torch.cat([torch.isfinite(torch.stack(torch._foreach_norm(ts))) for ts, _ in groups])
-            owners = [name for _, names in groups for name in names]
-            bad.update(name for name, ok in zip(owners, flags.tolist()) if not ok)
+            flags.append(torch.cat([torch.isfinite(torch.stack(torch._foreach_norm(ts))) for ts, _ in groups]))
+            owners += [name for _, names in groups for name in names]
+        if not flags:
+            return []
+        on_host = [f.tolist() for f in flags]  # the sync (one per device)
+        bad = {name for name, ok in zip(owners, (ok for part in on_host for ok in part)) if not ok}
         return [name for name in self._names if name in bad]
 
-    def update_fused_(self, seed: int, unload_index: int, sample_rows: int = 0, **launch) -> list[torch.Tensor]:
+    def update_fused_(self, seed: int, unload_index: int, sample_rows: int = 0, *, norms: bool = True,
+                      **launch) -> list[torch.Tensor]:
         """Launch the grouped updates; per device, a float64 device tensor [norm², landed·d, d·d]:
         the norm² of the merged update over every element, the other two over about ``sample_rows``
         rows per layer (0 = all), as ``unload._unload_layer`` returns them.
+
+        ``norms=False``: ``nonfinite`` has just computed the norms (for this plan, these factors),
+        so the stats table is used as it left it.
 
         Stochastic rounding draws from ``reinit_seed(seed, layer, unload_index)``, as a layer
         updated on its own by ``kernels.fused_update_`` with that seed would. ``launch`` goes to
@@ -237,13 +264,14 @@ class UnloadPlan:
 
         out = []
         for work in self._devices:
-            work.stats.zero_()
+            if norms:
+                work.stats.zero_()
             tables = iter(_seed_tables([g for g in work.updates if g.mode == "stochastic"], seed, unload_index,
                                        work.device))
             for g in work.updates:
                 keys = next(tables) if g.mode == "stochastic" else None
                 kernels.grouped_update_(g.ptrs, g.alphas, keys, g.stats, g.shape, g.strides, g.factor_dtype, g.mode,
-                                        g.has_res, sample_rows=sample_rows, **launch)
+                                        g.has_res, sample_rows=sample_rows, norms=norms, **launch)
             out.append(work.stats.sum(0, dtype=torch.float64))
         return out
 

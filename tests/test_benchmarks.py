@@ -57,12 +57,14 @@ def test_profile_unload_analyses_a_trace():
     prof = load("profile_unload")
     assert prof.union_length([(0, 4), (2, 6), (10, 11), (3, 5)]) == 7
     trace = {"traceEvents": [
-        {"ph": "X", "name": "plora: unload", "ts": 100, "dur": 100},
-        {"ph": "X", "name": "plora: refresh", "ts": 101, "dur": 5},
-        {"ph": "X", "name": "plora: grouped updates", "ts": 110, "dur": 20},
+        {"ph": "X", "cat": "user_annotation", "name": "plora: unload", "ts": 100, "dur": 100},
+        {"ph": "X", "cat": "user_annotation", "name": "plora: refresh", "ts": 101, "dur": 5},
+        {"ph": "X", "cat": "user_annotation", "name": "plora: grouped updates", "ts": 110, "dur": 20},
         {"ph": "X", "cat": "kernel", "name": "triton_norm", "ts": 115, "dur": 10},
         {"ph": "X", "cat": "kernel", "name": "unload_tile_grouped_0d1d", "ts": 140, "dur": 50},
         {"ph": "X", "cat": "kernel", "name": "outside", "ts": 300, "dur": 5},
+        {"ph": "X", "cat": "gpu_user_annotation", "name": "plora: unload", "ts": 115, "dur": 90},
+        {"ph": "X", "cat": "gpu_user_annotation", "name": "plora: grouped updates", "ts": 140, "dur": 50},
     ]}
     (row,) = prof.analyse(trace)["unloads"]
     assert row["gpu_busy_us"] == 60 and row["kernels"] == 2 and row["first_update_kernel_after_us"] == 40

@@ -218,6 +218,29 @@ def check_nonfinite_layer_is_skipped_on_the_fused_path(device):
                for layer in adapted_layers(model))
 
 
+def check_nonfinite_is_caught_in_every_adapter_tensor(device):
+    """B (through the update norm of the fused layers), A with -Inf, and a fused layer's lora_bias
+    (through its own norm) are each caught before any weight is touched."""
+    torch.manual_seed(0)
+    targets = ["square.0", "square.1", "square.2", "narrow.0", "narrow.1", "wide"]
+    for where in ("B", "A", "bias"):
+        model = get_peft_model(Stack(), LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_bias=True))
+        randomise_adapters_(model, 0, scale=0.1)
+        model = model.to(device, torch.bfloat16)
+        layers = adapted_layers(model)
+        bad = layers[4].module
+        with torch.no_grad():
+            {"B": bad.lora_B["default"].weight, "A": bad.lora_A["default"].weight,
+             "bias": bad.lora_B["default"].bias}[where].view(-1)[1] = float("inf") if where == "B" else float("-inf")
+        plan = UnloadPlan(layers)
+        before = {n: t.clone() for n, t in model.state_dict().items()}
+        with pytest.raises(FloatingPointError, match="1 layer"):
+            plora.unload_(model, 1.0, plan=plan)
+        assert len({name for work in plan._devices for g in work.updates for name in g.names}) == 6  # all fused
+        assert all(torch.equal(before[n], t) for n, t in model.state_dict().items()), where
+        assert plan.nonfinite() == [layers[4].name]
+
+
 def check_misaligned_weight_takes_the_torch_path(device):
     """The grouped kernels promise the compiler 16-byte aligned data; a weight that is not goes around them."""
     model = stack_peft(device)
@@ -257,6 +280,7 @@ CHECKS = [
     check_tied_weights_are_updated_in_turn,
     check_plan_follows_new_storage,
     check_nonfinite_layer_is_skipped_on_the_fused_path,
+    check_nonfinite_is_caught_in_every_adapter_tensor,
     check_cached_plan_gives_the_throwaway_plans_result,
 ]
 
