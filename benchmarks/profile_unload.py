@@ -9,11 +9,13 @@ and prints per phase its host time, then for the whole unload its wall time, the
 busy (the union of its kernels) and how long the GPU waited before the first update kernel::
 
     python benchmarks/profile_unload.py --models llama-2-7b --trace trace.json
+    python benchmarks/profile_unload.py --from-trace trace.json.gz   # re-analyse a kept trace
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import statistics
@@ -172,7 +174,18 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--trace", help="also write the chrome trace of the last profile here")
     p.add_argument("--json", help="write the analysis here")
+    p.add_argument("--from-trace", metavar="TRACE",
+                   help="only analyse this chrome trace (.json or .json.gz) of an earlier run, print it as JSON")
     args = p.parse_args(argv)
+    if args.from_trace:
+        opener = gzip.open if args.from_trace.endswith(".gz") else open
+        try:
+            with opener(args.from_trace, "rt") as f:
+                trace = json.load(f)
+        except (OSError, ValueError) as e:
+            p.error(f"--from-trace {args.from_trace}: not a readable chrome trace ({e})")
+        print(json.dumps(analyse(trace), indent=1))
+        return 0
     if args.warmup < 1 or args.reps < 1:
         p.error("--warmup and --reps must be at least 1")
     results = []

@@ -223,8 +223,8 @@ class UnloadPlan:
         then finds them); the other adapter tensors through one multi-tensor norm per device and
         dtype (an update whose norm overflows fp32 is refused as well: merging it would be no
         better). One host sync for all layers: the unload's only one before its updates, so the host
-        work in front of it is kept to a few launches (a multi-tensor norm over every adapter tensor
-        of a 7B model cost about 2 ms of host time on an H200).
+        work in front of it is kept to a few launches (with a multi-tensor norm over every adapter
+        tensor instead, the unload of a 7B-shaped model took 12.1 ms on an H200, 9.6 ms with this).
         """
         if self._devices:
             from plora import kernels

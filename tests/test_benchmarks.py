@@ -69,3 +69,21 @@ def test_profile_unload_analyses_a_trace():
     (row,) = prof.analyse(trace)["unloads"]
     assert row["gpu_busy_us"] == 60 and row["kernels"] == 2 and row["first_update_kernel_after_us"] == 40
     assert row["phases_host_us"] == {"refresh": 5, "grouped updates": 20}
+
+
+def test_profile_unload_reads_a_kept_trace(tmp_path, capsys):
+    import gzip
+
+    prof = load("profile_unload")
+    trace = {"traceEvents": [{"ph": "X", "cat": "user_annotation", "name": "plora: unload", "ts": 0, "dur": 10},
+                             {"ph": "X", "cat": "kernel", "name": "unload_tile_grouped", "ts": 2, "dur": 4}]}
+    path = tmp_path / "trace.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump(trace, f)
+    assert prof.main(["--from-trace", str(path)]) == 0
+    (row,) = json.loads(capsys.readouterr().out)["unloads"]
+    assert row["gpu_busy_us"] == 4 and row["first_update_kernel_after_us"] == 2
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(SystemExit):
+        prof.main(["--from-trace", str(tmp_path / "bad.json")])
+    assert "not a readable chrome trace" in capsys.readouterr().err
