@@ -160,6 +160,13 @@ def check_stochastic(device):
     assert abs(up.item() - 0.3) < 0.03, up
     assert abs(ref_up.item() - 0.3) < 0.03, ref_up
 
+    # the rounding decisions are independent: of neighbours in a row, in a column, and of two seeds
+    # (8,192 pairs each: a correlation's standard error is about 0.011)
+    half = torch.full((m, 1), 0.5 * 2.0**-7, device=device)
+    ups = [(fused_update_(W.clone(), half, R, 1.0, "stochastic", seed=s).float() > 1.0).float() for s in (7, 8)]
+    for a, b in ((ups[0][:, 1:], ups[0][:, :-1]), (ups[0][1:], ups[0][:-1]), (ups[0], ups[1])):
+        assert abs(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1].item()) < 0.05
+
 
 def check_stats(device):
     """The in-kernel statistics: sum(landed * d) and sum(d * d) over every element."""
