@@ -229,20 +229,20 @@ class UnloadPlan:
         if self._devices:
             from plora import kernels
 
-        flags, owners = [], []
+        checks: dict[torch.device, list] = {}  # device -> [(finite flags, their layers' names)]
         for work in self._devices:
             work.stats.zero_()
             for g in work.updates:
                 kernels.update_norms_(g.ptrs, g.alphas, g.stats, g.shape, g.strides, g.factor_dtype)
-                owners += g.names
-            flags.append(torch.isfinite(work.stats[:, 0]))
-        for groups in self._finite.values():
-            flags.append(torch.cat([torch.isfinite(torch.stack(torch._foreach_norm(ts))) for ts, _ in groups]))
-            owners += [name for _, names in groups for name in names]
-        if not flags:
-            return []
-        on_host = [f.tolist() for f in flags]  # the sync (one per device)
-        bad = {name for name, ok in zip(owners, (ok for part in on_host for ok in part)) if not ok}
+            names = [name for g in work.updates for name in g.names]  # the stats table's row order
+            checks.setdefault(work.device, []).append((torch.isfinite(work.stats[:, 0]), names))
+        for device, groups in self._finite.items():
+            flags = torch.cat([torch.isfinite(torch.stack(torch._foreach_norm(ts))) for ts, _ in groups])
+            checks.setdefault(device, []).append((flags, [name for _, names in groups for name in names]))
+        bad = set()
+        for parts in checks.values():
+            flags = torch.cat([f for f, _ in parts]).tolist()  # the sync, one per device
+            bad.update(name for name, ok in zip((n for _, names in parts for n in names), flags) if not ok)
         return [name for name in self._names if name in bad]
 
     def update_fused_(self, seed: int, unload_index: int, sample_rows: int = 0, *, norms: bool = True,
