@@ -221,17 +221,25 @@ class Driver:
         """The effective overrides of a trainable entry, or None while its references are pending."""
         base: dict = {}
         if e.base:
-            run = self.resolve(e.base)
-            if run is None:
+            base = self._settings_of(e.base)
+            if base is None:
                 return None
-            base = self.settings[run]
         overrides = merge(base, e.overrides)
         if e.lr_from:
-            run = self.resolve(e.lr_from)
-            if run is None:
+            ref = self._settings_of(e.lr_from)
+            if ref is None:
                 return None
-            overrides["lr"] = self.settings[run]["lr"]
+            overrides["lr"] = ref["lr"]
         return overrides
+
+    def _settings_of(self, name: str) -> dict | None:
+        """The settings a reference stands for: a plain run's are known before it trains (so its
+        seed variants start beside it), a choice's once the choice is made (KeyError if it failed)."""
+        e = self.entries[name]
+        if e.best_of is None:
+            return self.ready_settings(e)
+        run = self.resolve(name)
+        return None if run is None else self.settings[run]
 
     def reported_runs(self) -> list[tuple[int, str]]:
         """(priority, trained run) of every run to be scored on the test set, known so far."""

@@ -91,6 +91,28 @@ def test_base_inherits_settings_and_a_new_point_replaces_the_old(tmp_path):
         "method": "plora", "lr": 1e-4, "plora": {"unload_every": 1, "momentum": 0.5}}
 
 
+def test_a_plain_runs_variants_start_beside_it(tmp_path):
+    """A seed variant of a plain run needs only its settings, not its training: it is ready at once,
+    and stays ready if that run fails."""
+    d = _driver(tmp_path, PLAN + """  - name: fixed
+    overrides: {method: plora, lr: 4.0e-3, plora: {momentum: 0.1}}
+  - name: fixed-seed1
+    base: fixed
+    overrides: {seed: 1}
+  - name: fixed-attn
+    base: fixed-seed1
+    lr_from: fixed
+    overrides: {lora: {target_modules: attention}}
+""")
+    want = {"method": "plora", "lr": 4e-3, "plora": {"momentum": 0.1}, "seed": 1}
+    assert d.ready_settings(d.entries["fixed-seed1"]) == want
+    assert d.ready_settings(d.entries["fixed-attn"]) == {**want, "lora": {"target_modules": "attention"}}
+    ready = {c.name for c in d.candidates()}
+    assert {"fixed", "fixed-seed1", "fixed-attn"} <= ready
+    d.failed["fixed"] = "boom"
+    assert "fixed-seed1" in {c.name for c in d.candidates()}
+
+
 def test_lr_from_takes_another_runs_learning_rate(tmp_path):
     d = _driver(tmp_path)
     for name, loss in (("lora-lr0.0001", 1.0), ("lora-lr0.001", 2.0), ("plora-lr0.0001", 2.0), ("plora-lr0.001", 1.0)):
