@@ -17,7 +17,7 @@ after a warm-up, in one run on one device:
   goes (GPU only): the same launches with the statistics summed over every row
   (``statistics on every row``, as ``landed_sample_rows=0``), without statistics (``no
   statistics``), with at most 128 registers per thread (4 programs per SM), and with other tilings
-  (``--tiles``); and ``norms only``: the exact ``update_norm`` (``kernels.update_norms_``) alone.
+  (``--tiles``); and ``norms only``: the exact ``update_norm`` (``UnloadPlan.update_norms_``) alone.
 - ``plora <mode>, torch path``: the unload with the Triton kernels switched off (GPU only).
 - ``naive merge``: what axolotl's ReLoRA does per layer, ``W += B @ A * scaling`` then A
   re-initialised (kaiming) and B zeroed.
@@ -201,18 +201,10 @@ def update_only(layers, mode, plan, residuals, sample_rows=64, **launch):
 
 
 def norms_only(plan, residuals):
-    """The exact ``update_norm`` of one unload alone (``kernels.update_norms_`` on every group): the
-    part of the statistics that sampling does not shrink."""
-    from plora import kernels
-
+    """The exact ``update_norm`` of one unload alone (``UnloadPlan.update_norms_``): the part of the
+    statistics that sampling does not shrink, which the unload's finiteness check runs."""
     plan.refresh("direct", 1.0, residuals)
-
-    def run():
-        for work in plan._devices:
-            for g in work.updates:
-                kernels.update_norms_(g.ptrs, g.alphas, g.stats, g.shape, g.strides, g.factor_dtype)
-
-    return run
+    return plan.update_norms_
 
 
 def optimizer_reset(layers, device, clock, args):

@@ -226,14 +226,9 @@ class UnloadPlan:
         work in front of it is kept to a few launches (with a multi-tensor norm over every adapter
         tensor instead, the unload of a 7B-shaped model took 12.1 ms on an H200, 9.6 ms with this).
         """
-        if self._devices:
-            from plora import kernels
-
         checks: dict[torch.device, list] = {}  # device -> [(finite flags, their layers' names)]
+        self.update_norms_()
         for work in self._devices:
-            work.stats.zero_()
-            for g in work.updates:
-                kernels.update_norms_(g.ptrs, g.alphas, g.stats, g.shape, g.strides, g.factor_dtype)
             names = [name for g in work.updates for name in g.names]  # the stats table's row order
             checks.setdefault(work.device, []).append((torch.isfinite(work.stats[:, 0]), names))
         for device, groups in self._finite.items():
@@ -245,14 +240,26 @@ class UnloadPlan:
             bad.update(name for name, ok in zip((n for _, names in parts for n in names), flags) if not ok)
         return [name for name in self._names if name in bad]
 
+    def update_norms_(self) -> None:
+        """The fused layers' exact update norms into column 0 of their stats tables, the rest zeroed
+        (``kernels.update_norms_`` per group): what ``update_fused_(norms=False)`` then builds on."""
+        if not self._devices:
+            return
+        from plora import kernels
+
+        for work in self._devices:
+            work.stats.zero_()
+            for g in work.updates:
+                kernels.update_norms_(g.ptrs, g.alphas, g.stats, g.shape, g.strides, g.factor_dtype)
+
     def update_fused_(self, seed: int, unload_index: int, sample_rows: int = 0, *, norms: bool = True,
                       **launch) -> list[torch.Tensor]:
         """Launch the grouped updates; per device, a float64 device tensor [norm², landed·d, d·d]:
         the norm² of the merged update over every element, the other two over about ``sample_rows``
         rows per layer (0 = all), as ``unload._unload_layer`` returns them.
 
-        ``norms=False``: ``nonfinite`` has just computed the norms (for this plan, these factors),
-        so the stats table is used as it left it.
+        ``norms=False``: ``update_norms_`` (run by ``nonfinite``) has just computed the norms for
+        this plan and these factors, so the stats table is used as it left it.
 
         Stochastic rounding draws from ``reinit_seed(seed, layer, unload_index)``, as a layer
         updated on its own by ``kernels.fused_update_`` with that seed would. ``launch`` goes to
