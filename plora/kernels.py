@@ -12,10 +12,11 @@ computes a (BLOCK_M x BLOCK_N) tile of ``d = alpha * L @ R`` in fp32 from the sm
 Rounding to nearest (ties to even) is done in integer arithmetic, so the GPU and triton's CPU
 interpreter (whose own fp32->bf16 cast truncates) give the same bits. Stochastic rounding adds 16
 random bits to the fp32 bit pattern and drops the low 16 bits, as the torch reference does. The
-bits come from a counter-based hash of (seed, element index in W): two rounds of MurmurHash3's
-32-bit finaliser. So the result is deterministic for a given seed and independent of the tiling.
-(``tl.randint``'s Philox, ten rounds per element, made the kernel compute-bound: 22% of copy
-bandwidth on an H200 against 46% with the hash, in the same measurement.)
+bits come from a counter-based hash of (seed, element index in W): one round of MurmurHash3's
+32-bit finaliser over the index spread by a Weyl step and offset by the mixed seed. So the result
+is deterministic for a given seed and independent of the tiling. (``tl.randint``'s Philox, ten
+rounds per element, made the kernel compute-bound: 22% of copy bandwidth on an H200 against 46%
+with two rounds of the finaliser, in the same measurement.)
 
 Two launch forms run the same tile code (``update_tile``), so they give the same bits:
 ``fused_update_`` updates one layer per launch; ``grouped_update_`` updates a group of layers of one
@@ -24,7 +25,8 @@ and seed from small device tables. One launch per group instead of one per layer
 unload's host time far below its kernel time on models of many small layers.
 
 ``kaiming_fill_`` re-initialises the A factors of a group of layers in one launch: uniform in
-(-bound, bound) from the same hash of (seed, element index), 24 random bits per element.
+(-bound, bound) from a hash of (seed, element index), two rounds of the same finaliser, 24 random
+bits per element.
 
 What landed: ``grouped_update_`` sums ``landed * d`` and ``d * d`` over about ``sample_rows`` rows
 per layer, in a pass of the same tile code that stores nothing, run before the update (summing
@@ -420,9 +422,10 @@ def grouped_update_(
     ``factor_dtype`` one of ``FACTOR_DTYPES``; ``keys`` (int64, (G,)) are the stochastic seeds.
     No checks: the caller (``plora.unload_plan``) built the tables from validated tensors.
     ``norms=False`` leaves ``stats[:, 0]`` to the caller, who computed it with ``update_norms_``
-    (``UnloadPlan.nonfinite`` does, before any update). ``has_stats=False`` skips the statistics, ``tile`` = (block_m, block_n, num_warps) replaces
-    the default tiling and ``max_registers`` caps the registers per thread (ptxas may spill): all
-    three for the benchmark, to time what they cost; the bits of W do not depend on them.
+    (``UnloadPlan.nonfinite`` does, before any update). For the benchmark, to time what they cost:
+    ``has_stats=False`` skips the statistics, ``tile`` = (block_m, block_n, num_warps) replaces the
+    default tiling and ``max_registers`` caps the registers per thread (ptxas may spill); the bits
+    of W depend on none of them.
     """
     M, N, K = shape
     G = ptrs.shape[1]
