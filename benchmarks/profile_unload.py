@@ -6,7 +6,7 @@
 last unloads with each phase of ``plora.unload._enqueue_unload`` marked (the plan's refresh, the
 finiteness check with its host sync, the grouped updates, the re-init, the final statistics sync),
 and prints per phase its host time, then for the whole unload its wall time, the time the GPU was
-busy (the union of its kernels) and how long the GPU waited before the first update kernel::
+busy (the union of its kernels and copies) and how long the GPU waited before the first update kernel::
 
     python benchmarks/profile_unload.py --models llama-2-7b --trace trace.json
     python benchmarks/profile_unload.py --from-trace trace.json.gz   # re-analyse a kept trace
@@ -21,7 +21,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from contextlib import contextmanager
 
 import torch
@@ -124,18 +123,15 @@ def profile_model(shape: str, device: str, mode: str, warmup: int, reps: int, tr
     if device.startswith("cuda"):
         activities.append(torch.profiler.ProfilerActivity.CUDA)
         torch.cuda.synchronize()
-    walls = []
     with marked_phases(plan), torch.profiler.profile(activities=activities) as prof:
         for i in range(reps):
-            t0 = time.perf_counter()
             one(warmup + i)
-            walls.append(time.perf_counter() - t0)
     with tempfile.TemporaryDirectory() as tmp:
         path = trace_path or os.path.join(tmp, "trace.json")
         prof.export_chrome_trace(path)
         with open(path) as f:
             result = analyse(json.load(f))
-    result.update(shape=shape, mode=mode, layers=len(layers), wall_ms_unprofiled_loop=[w * 1e3 for w in walls])
+    result.update(shape=shape, mode=mode, layers=len(layers))
     del model, layers, plan
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
