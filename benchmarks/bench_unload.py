@@ -14,10 +14,10 @@ after a warm-up, in one run on one device:
 - ``update only <mode>``: just the weight updates of those unloads (``addmm_`` for direct, the
   grouped Triton launches of the plan for all three modes, with their statistics on the same 64
   sampled rows per layer): what an unload cannot avoid. Probes of where the grouped kernel's time
-  goes (GPU only): the same launches with the statistics summed over every row
-  (``statistics on every row``, as ``landed_sample_rows=0``), without statistics (``no
-  statistics``), with at most 128 registers per thread (4 programs per SM), and with other tilings
-  (``--tiles``); and ``norms only``: the exact ``update_norm`` (``UnloadPlan.update_norms_``) alone.
+  goes (GPU only): the same launches with one launch option changed (``--probes``: by default the
+  statistics summed over every row, as ``landed_sample_rows=0``; no statistics; at most 128
+  registers per thread, 4 programs per SM; others: W loaded before the factors, the grid's order,
+  a loop over row tiles, streaming cache hints) and with other tilings (``--tiles``); and ``norms only``: the exact ``update_norm`` (``UnloadPlan.update_norms_``) alone.
 - ``plora <mode>, torch path``: the unload with the Triton kernels switched off (GPU only).
 - ``naive merge``: what axolotl's ReLoRA does per layer, ``W += B @ A * scaling`` then A
   re-initialised (kaiming) and B zeroed.
@@ -63,6 +63,33 @@ BYTES_PER_ELEMENT = {"direct": 4, "compensated": 8, "stochastic": 4}
 TARGET_COPY_SHARE = 0.80
 TARGET_SPEEDUP = 2.0
 RANK = 16
+
+# --probes: name -> (row label, keyword options of kernels.grouped_update_); each times the plan's update
+# launches with one thing changed (the bits of W never change)
+PROBES = {
+    "every-row": ("statistics on every row", {"sample_rows": 0}),
+    "no-stats": ("no statistics", {"has_stats": False}),
+    "128-registers": ("at most 128 registers", {"max_registers": 128}),
+    "load-first": ("W loaded before the factors", {"load_first": True}),
+    "load-first-no-stats": ("W loaded before the factors, no statistics", {"load_first": True, "has_stats": False}),
+    "load-first-32x64": ("W loaded first, 32x64 tile", {"load_first": True, "tile": (32, 64, 4)}),
+    "load-first-16x128": ("W loaded first, 16x128 tile", {"load_first": True, "tile": (16, 128, 4)}),
+    "cols-first": ("grid sweeps columns first", {"cols_first": True}),
+    "streaming": ("streaming cache hints", {"streaming": True}),
+    "row-loop": ("4 row tiles per program", {"cols_first": True, "row_tiles": 4}),
+    "combined": ("W loaded first, columns first, streaming",
+                 {"load_first": True, "cols_first": True, "streaming": True}),
+}
+DEFAULT_PROBES = "every-row,no-stats,128-registers"
+
+
+def probes_argument(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in PROBES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown probe(s) {', '.join(unknown)}; choose from {', '.join(PROBES)}")
+    return names
+
 
 # name: (hidden, intermediate, layers, kv width): q/o hidden x hidden, k/v kv x hidden,
 # gate/up intermediate x hidden, down hidden x intermediate (out x in, as nn.Linear stores them)
@@ -299,8 +326,7 @@ def bench_model(shape, device, args, clock, copy_bps):
             s, _, growth = clock.measure(update_only(layers, mode, None, residuals), None, args.reps, args.warmup)
             row("update only direct (addmm_)", mode, s, growth, reference=naive_s)
         if fused:  # the plan's own launches, then the probes (launch options of grouped_update_)
-            launches = [("", {}), (", statistics on every row", {"sample_rows": 0}),
-                        (", no statistics", {"has_stats": False}), (", at most 128 registers", {"max_registers": 128})]
+            launches = [("", {})] + [(f", {PROBES[name][0]}", PROBES[name][1]) for name in args.probes]
             launches += [(f", {bm}x{bn} tile, {warps} warps", {"tile": (bm, bn, warps)}) for bm, bn, warps in args.tiles]
             for suffix, launch in launches:
                 options = {"sample_rows": args.landed_sample_rows, **launch}
@@ -379,6 +405,9 @@ def main(argv=None) -> int:
                    help="also time the unload with this landed_sample_rows (e.g. 8)")
     p.add_argument("--tiles", type=tiles_argument, default=tiles_argument("32x64x4,16x128x4,32x128x8,64x128x4"),
                    help="other tilings of the grouped kernel to time, ROWSxCOLSxWARPS,... ('' for none)")
+    p.add_argument("--probes", type=probes_argument, default=probes_argument(DEFAULT_PROBES),
+                   help=f"launch probes of the grouped kernel to time, comma-separated ('' for none; "
+                        f"default {DEFAULT_PROBES}): {', '.join(PROBES)}")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     args = p.parse_args(argv)
     models = args.models or (["tiny"] if args.small else ["llama-3.2-1b", "llama-2-7b"])

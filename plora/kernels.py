@@ -92,22 +92,40 @@ if triton is not None:
         return h
 
     @triton.jit
+    def load_tile(W, RES, rows, cols, N, offs, mask, HAS_RES: tl.constexpr, STREAM: tl.constexpr):
+        # a tile of W and of the residual (W's tile again without one: never used), as stored
+        if STREAM:
+            w_old = tl.load(W + offs, mask=mask, other=0.0, eviction_policy="evict_first")
+        else:
+            w_old = tl.load(W + offs, mask=mask, other=0.0)
+        r_old = w_old
+        if HAS_RES:
+            r_old = tl.load(RES + rows[:, None] * N + cols[None, :], mask=mask, other=0.0)
+        return w_old, r_old
+
+    @triton.jit
     def update_tile(
         W, RES, L, R, STATS,
         M, N, K,
         stride_wm, stride_lm, stride_lk, stride_rk, stride_rn,
-        alpha, key_lo, key_hi, pid_m,
+        alpha, key_lo, key_hi, pid_m, pid_n,
         MODE: tl.constexpr, HAS_RES: tl.constexpr, HAS_STATS: tl.constexpr, STORE: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STREAM: tl.constexpr = False,
+        LOAD_FIRST: tl.constexpr = False,
     ):
-        # One (BLOCK_M x BLOCK_N) tile of one layer, row tile pid_m: the body both launch forms share,
-        # so a layer gets the same bits whether it is updated alone or in a group. STORE=False computes
-        # the tile's statistics without writing anything (the statistics pass of grouped_update_).
-        pid_n = tl.program_id(1)
+        # One (BLOCK_M x BLOCK_N) tile of one layer, row tile pid_m, column tile pid_n: the body both
+        # launch forms share, so a layer gets the same bits whether it is updated alone or in a group.
+        # STORE=False computes the tile's statistics without writing anything (the statistics pass of
+        # grouped_update_). STREAM marks W's load and store as streaming (read and written once).
         rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         row_ok = rows < M
         col_ok = cols < N
+
+        mask = row_ok[:, None] & col_ok[None, :]
+        offs = rows[:, None] * stride_wm + cols[None, :]
+        if LOAD_FIRST:  # W's (and the residual's) loads in flight while the factors load and multiply
+            w_old, r_old = load_tile(W, RES, rows, cols, N, offs, mask, MODE == 1 and HAS_RES, STREAM)
 
         # d = alpha * L[rows, :] @ R[:, cols], fp32, rank padded to BLOCK_K by masked loads
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -121,20 +139,19 @@ if triton is not None:
             acc = tl.dot(lt.to(tl.float32), rt.to(tl.float32), acc, input_precision="tf32")
         d = acc * alpha
 
-        mask = row_ok[:, None] & col_ok[None, :]
-        offs = rows[:, None] * stride_wm + cols[None, :]
-        w_old = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
+        if not LOAD_FIRST:
+            w_old, r_old = load_tile(W, RES, rows, cols, N, offs, mask, MODE == 1 and HAS_RES, STREAM)
+        w_old = w_old.to(tl.float32)
         t = w_old + d
         res_delta = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if MODE == 1:
             if HAS_RES:
-                res_ptrs = RES + rows[:, None] * N + cols[None, :]
-                r_old = tl.load(res_ptrs, mask=mask, other=0.0).to(tl.float32)
+                r_old = r_old.to(tl.float32)
                 t = t + r_old
                 new = to_bf16_rtne(t)
                 r_new = to_bf16_rtne(t - new.to(tl.float32))
                 if STORE:
-                    tl.store(res_ptrs, r_new, mask=mask)
+                    tl.store(RES + rows[:, None] * N + cols[None, :], r_new, mask=mask)
                 res_delta = r_new.to(tl.float32) - r_old
             else:
                 new = to_bf16_rtne(t)
@@ -150,7 +167,10 @@ if triton is not None:
         else:
             new = to_bf16_rtne(t)
         if STORE:
-            tl.store(W + offs, new, mask=mask)
+            if STREAM:
+                tl.store(W + offs, new, mask=mask, cache_modifier=".cs")
+            else:
+                tl.store(W + offs, new, mask=mask)
         if HAS_STATS:
             # what arrived in the weight state (W, plus the residual where one is kept), against d
             landed = new.to(tl.float32) - w_old + res_delta
@@ -175,7 +195,7 @@ if triton is not None:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         update_tile(W, RES, L, R, STATS, M, N, K, stride_wm, stride_lm, stride_lk, stride_rk, stride_rn,
-                    alpha, key_lo, key_hi, tl.program_id(0), MODE, HAS_RES, HAS_STATS, True,
+                    alpha, key_lo, key_hi, tl.program_id(0), tl.program_id(1), MODE, HAS_RES, HAS_STATS, True,
                     BLOCK_M, BLOCK_N, BLOCK_K)
 
     @triton.jit
@@ -190,9 +210,20 @@ if triton is not None:
         MODE: tl.constexpr, HAS_RES: tl.constexpr, FACTOR_DTYPE: tl.constexpr, HAS_STATS: tl.constexpr,
         STORE: tl.constexpr,  # False: the statistics pass, which writes nothing but STATS
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        COLS_FIRST: tl.constexpr = False,  # grid (tiles_n, tiles_m, G): neighbouring programs share rows
+        ROW_TILES: tl.constexpr = 1,  # row tiles per program, in a loop (row_step must be 1)
+        STAGES: tl.constexpr = 1,  # software-pipelining depth of that loop
+        STREAM: tl.constexpr = False,  # streaming cache hints on W (see update_tile)
+        LOAD_FIRST: tl.constexpr = False,  # W's loads issued before the factors' (see update_tile)
     ):
         # program (tile_m, tile_n, layer): the layers of a group share shape, rank, strides, dtypes
         g = tl.program_id(2)
+        if COLS_FIRST:
+            tile_m = tl.program_id(1)
+            tile_n = tl.program_id(0)
+        else:
+            tile_m = tl.program_id(0)
+            tile_n = tl.program_id(1)
         # Pointers read from memory carry no alignment: without the hint the compiler falls back to
         # 2-byte loads and stores (4x slower on an H200). The plan only groups 16-byte aligned tensors.
         W = tl.multiple_of(tl.load(PTRS + g).to(tl.pointer_type(tl.bfloat16)), 16)
@@ -205,9 +236,16 @@ if triton is not None:
             key = tl.load(KEYS + g)
             key_lo = key & 0x7FFFFFFF
             key_hi = (key >> 32) & 0x7FFFFFFF
-        update_tile(W, RES, L, R, STATS + 3 * g + 1, M, N, K, stride_wm, stride_lm, stride_lk, stride_rk, stride_rn,
-                    tl.load(ALPHAS + g), key_lo, key_hi, tl.program_id(0) * row_step,
-                    MODE, HAS_RES, HAS_STATS, STORE, BLOCK_M, BLOCK_N, BLOCK_K)
+        alpha = tl.load(ALPHAS + g)
+        if ROW_TILES == 1:
+            update_tile(W, RES, L, R, STATS + 3 * g + 1, M, N, K, stride_wm, stride_lm, stride_lk, stride_rk,
+                        stride_rn, alpha, key_lo, key_hi, tile_m * row_step, tile_n,
+                        MODE, HAS_RES, HAS_STATS, STORE, BLOCK_M, BLOCK_N, BLOCK_K, STREAM, LOAD_FIRST)
+        else:
+            for i in tl.range(0, ROW_TILES, num_stages=STAGES):
+                update_tile(W, RES, L, R, STATS + 3 * g + 1, M, N, K, stride_wm, stride_lm, stride_lk, stride_rk,
+                            stride_rn, alpha, key_lo, key_hi, tile_m * ROW_TILES + i, tile_n,
+                            MODE, HAS_RES, HAS_STATS, STORE, BLOCK_M, BLOCK_N, BLOCK_K, STREAM, LOAD_FIRST)
 
     @triton.jit
     def gram_block(P, count, stride_i, stride_k, K, ka, kb, start, step, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -409,6 +447,11 @@ def grouped_update_(
     norms: bool = True,
     tile: tuple[int, int, int] | None = None,
     max_registers: int | None = None,
+    cols_first: bool = False,
+    row_tiles: int = 1,
+    stages: int = 1,
+    streaming: bool = False,
+    load_first: bool = False,
 ) -> None:
     """``fused_update_`` for a group of layers in one launch; each layer gets the same bits as alone.
 
@@ -424,8 +467,11 @@ def grouped_update_(
     ``norms=False`` leaves ``stats[:, 0]`` to the caller, who computed it with ``update_norms_``
     (``UnloadPlan.nonfinite`` does, before any update). For the benchmark, to time what they cost:
     ``has_stats=False`` skips the statistics, ``tile`` = (block_m, block_n, num_warps) replaces the
-    default tiling and ``max_registers`` caps the registers per thread (ptxas may spill); the bits
-    of W depend on none of them.
+    default tiling and ``max_registers`` caps the registers per thread (ptxas may spill); the update
+    pass's grid can sweep columns first (``cols_first``), loop over ``row_tiles`` row tiles per
+    program with a ``stages``-deep software pipeline, and mark W's traffic as streaming
+    (``streaming``), and issue W's loads before the factors' (``load_first``); the bits of W depend
+    on none of them.
     """
     M, N, K = shape
     G = ptrs.shape[1]
@@ -445,7 +491,11 @@ def grouped_update_(
         # stores), then the update without statistics: their reductions and atomics in every
         # program took the kernel from 80% of copy bandwidth to 54% on an H200 (bench_unload).
         unload_tile_grouped[(_cdiv(tiles_m, step), tiles_n, G)](*args, step, HAS_STATS=True, STORE=False, **options)
-    unload_tile_grouped[(tiles_m, tiles_n, G)](*args, 1, HAS_STATS=has_stats and not sampled, STORE=True, **options)
+    update_options = dict(options, COLS_FIRST=cols_first, ROW_TILES=row_tiles, STAGES=stages, STREAM=streaming,
+                          LOAD_FIRST=load_first)
+    programs_m = _cdiv(tiles_m, row_tiles)
+    grid = (tiles_n, programs_m, G) if cols_first else (programs_m, tiles_n, G)
+    unload_tile_grouped[grid](*args, 1, HAS_STATS=has_stats and not sampled, STORE=True, **update_options)
     if has_stats and norms:
         update_norms_(ptrs, alphas, stats, shape, factor_strides, factor_dtype)
 

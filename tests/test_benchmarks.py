@@ -29,6 +29,20 @@ def test_bench_unload_refuses_a_malformed_tile():
     assert bench.tiles_argument("32x64x4, 16x128x8") == [(32, 64, 4), (16, 128, 8)]
 
 
+def test_bench_unload_probes_are_named_options_of_the_kernel():
+    import inspect
+
+    from plora.kernels import grouped_update_
+
+    bench = load("bench_unload")
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown probe.*nope"):
+        bench.probes_argument("no-stats,nope")
+    assert bench.probes_argument("") == []
+    accepted = set(inspect.signature(grouped_update_).parameters)
+    for name, (_, options) in bench.PROBES.items():  # a typo would only fail on a GPU
+        assert set(options) <= accepted, name
+
+
 def test_bench_train_step_small_on_cpu(tmp_path):
     bench = load("bench_train_step")
     out = tmp_path / "step.json"

@@ -263,12 +263,20 @@ def check_grouped_update(device):
                 assert stats[i, 2].item() < 0.9 * (d * d).sum().item()  # a sample, not every row
                 assert stats[i, 0].item() == pytest.approx((d.double() ** 2).sum().item(), rel=2e-3)
             # the benchmark's knobs: another tiling, no statistics, a register cap; the same bits, stats untouched
-            got_w, got_r, stats = _run_grouped(*case, has_stats=False, tile=(16, 32, 2), max_registers=128)
-            for i, (W, res, _) in enumerate(want):
-                assert torch.equal(got_w[i], W), (mode, m, n, i, "tile")
-                if res is not None:
-                    assert torch.equal(got_r[i], res), (mode, m, n, i, "tile")
-            assert not stats.any()
+            # and the update pass's grid order, row loop and cache hints, with the statistics in that pass
+            knobs = [dict(has_stats=False, tile=(16, 32, 2), max_registers=128),
+                     dict(has_stats=False, cols_first=True, row_tiles=3, stages=2, streaming=True),
+                     dict(sample_rows=0, tile=(16, 32, 2), cols_first=True, row_tiles=2)]
+            for options in knobs:
+                got_w, got_r, stats = _run_grouped(*case, **options)
+                for i, (W, res, st) in enumerate(want):
+                    assert torch.equal(got_w[i], W), (mode, m, n, i, options)
+                    if res is not None:
+                        assert torch.equal(got_r[i], res), (mode, m, n, i, options)
+                    if options.get("has_stats", True):
+                        assert torch.allclose(stats[i, 1:], st, rtol=1e-4, atol=1e-7), (mode, m, n, i, options)
+                if not options.get("has_stats", True):
+                    assert not stats.any()
 
 
 def check_update_norms(device):
