@@ -64,21 +64,21 @@ TARGET_COPY_SHARE = 0.80
 TARGET_SPEEDUP = 2.0
 RANK = 16
 
+_PLAIN = {"load_first": False, "cols_first": False, "streaming": False}
 # --probes: name -> (row label, keyword options of kernels.grouped_update_); each times the plan's update
 # launches with one thing changed (the bits of W never change)
 PROBES = {
     "every-row": ("statistics on every row", {"sample_rows": 0}),
     "no-stats": ("no statistics", {"has_stats": False}),
     "128-registers": ("at most 128 registers", {"max_registers": 128}),
-    "load-first": ("W loaded before the factors", {"load_first": True}),
-    "load-first-no-stats": ("W loaded before the factors, no statistics", {"load_first": True, "has_stats": False}),
-    "load-first-32x64": ("W loaded first, 32x64 tile", {"load_first": True, "tile": (32, 64, 4)}),
-    "load-first-16x128": ("W loaded first, 16x128 tile", {"load_first": True, "tile": (16, 128, 4)}),
-    "cols-first": ("grid sweeps columns first", {"cols_first": True}),
-    "streaming": ("streaming cache hints", {"streaming": True}),
-    "row-loop": ("4 row tiles per program", {"cols_first": True, "row_tiles": 4}),
-    "combined": ("W loaded first, columns first, streaming",
-                 {"load_first": True, "cols_first": True, "streaming": True}),
+    # the update pass's layout (kernels.UPDATE_LAYOUT holds each mode's default), each probe absolute
+    "plain-layout": ("rows first, no hints, W loaded after the factors", dict(_PLAIN)),
+    "load-first": ("W loaded before the factors", dict(_PLAIN, load_first=True)),
+    "cols-first": ("grid sweeps columns first", dict(_PLAIN, cols_first=True)),
+    "streaming": ("streaming cache hints", dict(_PLAIN, streaming=True)),
+    "combined": ("W loaded first, columns first, streaming", {"load_first": True, "cols_first": True, "streaming": True}),
+    "combined-no-stats": ("W loaded first, columns first, streaming, no statistics",
+                            {"load_first": True, "cols_first": True, "streaming": True, "has_stats": False}),
 }
 DEFAULT_PROBES = "every-row,no-stats,128-registers"
 
@@ -227,11 +227,11 @@ def update_only(layers, mode, plan, residuals, sample_rows=64, **launch):
     return run
 
 
-def norms_only(plan, residuals):
+def norms_only(plan, residuals, **launch):
     """The exact ``update_norm`` of one unload alone (``UnloadPlan.update_norms_``): the part of the
     statistics that sampling does not shrink, which the unload's finiteness check runs."""
     plan.refresh("direct", 1.0, residuals)
-    return plan.update_norms_
+    return lambda: plan.update_norms_(**launch)
 
 
 def optimizer_reset(layers, device, clock, args):
@@ -335,8 +335,11 @@ def bench_model(shape, device, args, clock, copy_bps):
                 row(f"update only {mode} (Triton, grouped{suffix})", mode, s, growth, reference=naive_s,
                     probe=bool(launch))
             if mode == "direct":  # the exact norm of the update alone (same for every mode)
-                s, _, growth = clock.measure(norms_only(plan, residuals), None, args.reps, args.warmup)
-                row("norms only (Triton, factor Grams)", mode, s, growth, reference=naive_s, probe=True)
+                for programs in [2048] + args.norm_programs:
+                    suffix = "" if programs == 2048 else f", {programs} programs per group"
+                    s, _, growth = clock.measure(norms_only(plan, residuals, programs=programs), None,
+                                                 args.reps, args.warmup)
+                    row(f"norms only (Triton, factor Grams{suffix})", mode, s, growth, reference=naive_s, probe=True)
         del residuals, plan
 
     row("naive merge (ReLoRA)", "direct", naive_s, naive_growth, reference=naive_s)
@@ -408,6 +411,8 @@ def main(argv=None) -> int:
     p.add_argument("--probes", type=probes_argument, default=probes_argument(DEFAULT_PROBES),
                    help=f"launch probes of the grouped kernel to time, comma-separated ('' for none; "
                         f"default {DEFAULT_PROBES}): {', '.join(PROBES)}")
+    p.add_argument("--norm-programs", type=lambda t: [int(x) for x in t.split(",") if x.strip()], default=[],
+                   help="also time the norm kernels with these program counts per group (default 2048), e.g. 8192")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     args = p.parse_args(argv)
     models = args.models or (["tiny"] if args.small else ["llama-3.2-1b", "llama-2-7b"])

@@ -211,8 +211,6 @@ if triton is not None:
         STORE: tl.constexpr,  # False: the statistics pass, which writes nothing but STATS
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         COLS_FIRST: tl.constexpr = False,  # grid (tiles_n, tiles_m, G): neighbouring programs share rows
-        ROW_TILES: tl.constexpr = 1,  # row tiles per program, in a loop (row_step must be 1)
-        STAGES: tl.constexpr = 1,  # software-pipelining depth of that loop
         STREAM: tl.constexpr = False,  # streaming cache hints on W (see update_tile)
         LOAD_FIRST: tl.constexpr = False,  # W's loads issued before the factors' (see update_tile)
     ):
@@ -236,16 +234,9 @@ if triton is not None:
             key = tl.load(KEYS + g)
             key_lo = key & 0x7FFFFFFF
             key_hi = (key >> 32) & 0x7FFFFFFF
-        alpha = tl.load(ALPHAS + g)
-        if ROW_TILES == 1:
-            update_tile(W, RES, L, R, STATS + 3 * g + 1, M, N, K, stride_wm, stride_lm, stride_lk, stride_rk,
-                        stride_rn, alpha, key_lo, key_hi, tile_m * row_step, tile_n,
-                        MODE, HAS_RES, HAS_STATS, STORE, BLOCK_M, BLOCK_N, BLOCK_K, STREAM, LOAD_FIRST)
-        else:
-            for i in tl.range(0, ROW_TILES, num_stages=STAGES):
-                update_tile(W, RES, L, R, STATS + 3 * g + 1, M, N, K, stride_wm, stride_lm, stride_lk, stride_rk,
-                            stride_rn, alpha, key_lo, key_hi, tile_m * ROW_TILES + i, tile_n,
-                            MODE, HAS_RES, HAS_STATS, STORE, BLOCK_M, BLOCK_N, BLOCK_K, STREAM, LOAD_FIRST)
+        update_tile(W, RES, L, R, STATS + 3 * g + 1, M, N, K, stride_wm, stride_lm, stride_lk, stride_rk, stride_rn,
+                    tl.load(ALPHAS + g), key_lo, key_hi, tile_m * row_step, tile_n,
+                    MODE, HAS_RES, HAS_STATS, STORE, BLOCK_M, BLOCK_N, BLOCK_K, STREAM, LOAD_FIRST)
 
     @triton.jit
     def gram_block(P, count, stride_i, stride_k, K, ka, kb, start, step, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -430,6 +421,14 @@ def fused_update_(
 
 FACTOR_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the grouped kernels read
 
+# The update pass's layout per mode (grouped_update_), from bench_unload's probes on an H200
+# (docs/results/performance.md): ... filled in from the measurement
+UPDATE_LAYOUT = {
+    "direct": {"cols_first": True, "streaming": False, "load_first": False},
+    "compensated": {"cols_first": True, "streaming": True, "load_first": True},
+    "stochastic": {"cols_first": False, "streaming": False, "load_first": False},
+}
+
 
 def grouped_update_(
     ptrs: torch.Tensor,
@@ -447,11 +446,9 @@ def grouped_update_(
     norms: bool = True,
     tile: tuple[int, int, int] | None = None,
     max_registers: int | None = None,
-    cols_first: bool = False,
-    row_tiles: int = 1,
-    stages: int = 1,
-    streaming: bool = False,
-    load_first: bool = False,
+    cols_first: bool | None = None,
+    streaming: bool | None = None,
+    load_first: bool | None = None,
 ) -> None:
     """``fused_update_`` for a group of layers in one launch; each layer gets the same bits as alone.
 
@@ -467,11 +464,11 @@ def grouped_update_(
     ``norms=False`` leaves ``stats[:, 0]`` to the caller, who computed it with ``update_norms_``
     (``UnloadPlan.nonfinite`` does, before any update). For the benchmark, to time what they cost:
     ``has_stats=False`` skips the statistics, ``tile`` = (block_m, block_n, num_warps) replaces the
-    default tiling and ``max_registers`` caps the registers per thread (ptxas may spill); the update
-    pass's grid can sweep columns first (``cols_first``), loop over ``row_tiles`` row tiles per
-    program with a ``stages``-deep software pipeline, and mark W's traffic as streaming
-    (``streaming``), and issue W's loads before the factors' (``load_first``); the bits of W depend
-    on none of them.
+    default tiling and ``max_registers`` caps the registers per thread (ptxas may spill).
+    The update pass's layout options, each defaulting to the mode's entry in ``UPDATE_LAYOUT``:
+    ``cols_first`` (the grid sweeps a row tile's column tiles first), ``streaming`` (W's load and
+    store carry streaming cache hints), ``load_first`` (W's tile is loaded before the factors).
+    The bits of W depend on none of these options.
     """
     M, N, K = shape
     G = ptrs.shape[1]
@@ -491,16 +488,18 @@ def grouped_update_(
         # stores), then the update without statistics: their reductions and atomics in every
         # program took the kernel from 80% of copy bandwidth to 54% on an H200 (bench_unload).
         unload_tile_grouped[(_cdiv(tiles_m, step), tiles_n, G)](*args, step, HAS_STATS=True, STORE=False, **options)
-    update_options = dict(options, COLS_FIRST=cols_first, ROW_TILES=row_tiles, STAGES=stages, STREAM=streaming,
-                          LOAD_FIRST=load_first)
-    programs_m = _cdiv(tiles_m, row_tiles)
-    grid = (tiles_n, programs_m, G) if cols_first else (programs_m, tiles_n, G)
+    layout = dict(UPDATE_LAYOUT[mode])
+    layout.update({k: v for k, v in (("cols_first", cols_first), ("streaming", streaming),
+                                     ("load_first", load_first)) if v is not None})
+    update_options = dict(options, COLS_FIRST=layout["cols_first"], STREAM=layout["streaming"],
+                          LOAD_FIRST=layout["load_first"])
+    grid = (tiles_n, tiles_m, G) if layout["cols_first"] else (tiles_m, tiles_n, G)
     unload_tile_grouped[grid](*args, 1, HAS_STATS=has_stats and not sampled, STORE=True, **update_options)
     if has_stats and norms:
         update_norms_(ptrs, alphas, stats, shape, factor_strides, factor_dtype)
 
 
-def update_norms_(ptrs, alphas, stats, shape, factor_strides, factor_dtype, *, slices=None) -> None:
+def update_norms_(ptrs, alphas, stats, shape, factor_strides, factor_dtype, *, slices=None, programs=2048) -> None:
     """``stats[g, 0] = ||alphas[g] * L_g @ R_g||_F^2`` for a group (the tables of ``grouped_update_``).
 
     Exact while the update's other statistics are sampled, from the factors alone:
@@ -509,13 +508,13 @@ def update_norms_(ptrs, alphas, stats, shape, factor_strides, factor_dtype, *, s
     all (one program per layer, running through its factors serially, took about 1 ms for a 7B
     model on an H200); then one program per layer multiplies them out. Small blocks keep the fp32
     products in registers (sm_90: 88 registers, no spill; 16 x 64 chunks or 32-wide blocks
-    spilled). ``slices`` is for tests.
+    spilled). ``slices`` is for tests, ``programs`` (the target per group) for the benchmark.
     """
     M, N, K = shape
     G = ptrs.shape[1]
     block, chunk = 16, 16
     kpad = _cdiv(K, block) * block
-    slices = slices or max(1, min(_cdiv(max(M, N), chunk), _cdiv(2048, G)))
+    slices = slices or max(1, min(_cdiv(max(M, N), chunk), _cdiv(programs, G)))
     grams = torch.zeros(G, 2, kpad, kpad, dtype=torch.float32, device=stats.device)
     factor_grams[(G, slices)](ptrs, grams, M, N, K, *factor_strides, FACTOR_DTYPE=_TL_DTYPE[factor_dtype],
                               BLOCK_K=block, CHUNK=chunk, KPAD=kpad, num_warps=4)

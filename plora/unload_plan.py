@@ -151,6 +151,7 @@ class UnloadPlan:
         return merge_precision, momentum, ptrs, res, tuple(d[a] for d, a in self._scalings)
 
     def _build(self, merge_precision: str, momentum: float, residuals: dict | None) -> None:
+        self._keys = None  # the seed tables of _seed_keys, made for the groups built here
         self.modes: dict[str, int] = {}
         self.torch_work: list[tuple[AdaptedLayer, str, torch.Tensor | None]] = []
         self.bias_layers = [layer for layer in self.layers if layer.lora_bias is not None]
@@ -214,8 +215,11 @@ class UnloadPlan:
         return out
 
     # --- what an unload runs ------------------------------------------------------------------------
-    def nonfinite(self) -> list[str]:
+    def nonfinite(self, keys_for: tuple[int, int] | None = None) -> list[str]:
         """Names of layers whose adapter holds NaN or Inf, in layer order.
+
+        ``keys_for`` = (seed, unload_index) of the coming ``update_fused_``: its stochastic-rounding
+        seed tables (a hash per layer) are made while the GPU computes the norms, not after the sync.
 
         A NaN or Inf anywhere makes a norm non-finite. The fused layers' factors are checked through
         the exact norm of their update, ``||alpha L R||_F^2`` from the factors' Gram matrices (a few
@@ -228,6 +232,8 @@ class UnloadPlan:
         """
         checks: dict[torch.device, list] = {}  # device -> [(finite flags, their layers' names)]
         self.update_norms_()
+        if keys_for is not None:  # host work that overlaps the norms on the GPU, before the sync
+            self._seed_keys(*keys_for)
         for work in self._devices:
             names = [name for g in work.updates for name in g.names]  # the stats table's row order
             checks.setdefault(work.device, []).append((torch.isfinite(work.stats[:, 0]), names))
@@ -240,9 +246,10 @@ class UnloadPlan:
             bad.update(name for name, ok in zip((n for _, names in parts for n in names), flags) if not ok)
         return [name for name in self._names if name in bad]
 
-    def update_norms_(self) -> None:
+    def update_norms_(self, **launch) -> None:
         """The fused layers' exact update norms into column 0 of their stats tables, the rest zeroed
-        (``kernels.update_norms_`` per group): what ``update_fused_(norms=False)`` then builds on."""
+        (``kernels.update_norms_`` per group, ``launch`` its benchmark options): what
+        ``update_fused_(norms=False)`` then builds on."""
         if not self._devices:
             return
         from plora import kernels
@@ -250,7 +257,7 @@ class UnloadPlan:
         for work in self._devices:
             work.stats.zero_()
             for g in work.updates:
-                kernels.update_norms_(g.ptrs, g.alphas, g.stats, g.shape, g.strides, g.factor_dtype)
+                kernels.update_norms_(g.ptrs, g.alphas, g.stats, g.shape, g.strides, g.factor_dtype, **launch)
 
     def update_fused_(self, seed: int, unload_index: int, sample_rows: int = 0, *, norms: bool = True,
                       **launch) -> list[torch.Tensor]:
@@ -273,14 +280,21 @@ class UnloadPlan:
         for work in self._devices:
             if norms:
                 work.stats.zero_()
-            tables = iter(_seed_tables([g for g in work.updates if g.mode == "stochastic"], seed, unload_index,
-                                       work.device))
+            tables = iter(self._seed_keys(seed, unload_index)[id(work)])
             for g in work.updates:
                 keys = next(tables) if g.mode == "stochastic" else None
                 kernels.grouped_update_(g.ptrs, g.alphas, keys, g.stats, g.shape, g.strides, g.factor_dtype, g.mode,
                                         g.has_res, sample_rows=sample_rows, norms=norms, **launch)
             out.append(work.stats.sum(0, dtype=torch.float64))
         return out
+
+    def _seed_keys(self, seed: int, unload_index: int) -> dict[int, list[torch.Tensor]]:
+        """Per device work, the stochastic groups' seed tables for (seed, unload_index), kept for reuse."""
+        if self._keys is None or self._keys[0] != (seed, unload_index):
+            tables = {id(work): _seed_tables([g for g in work.updates if g.mode == "stochastic"], seed, unload_index,
+                                             work.device) for work in self._devices}
+            self._keys = ((seed, unload_index), tables)
+        return self._keys[1]
 
     def reinit_(self, seed: int, unload_index: int) -> None:
         """Re-initialise every adapter as PEFT does (A random, B zero).

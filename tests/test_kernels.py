@@ -265,8 +265,9 @@ def check_grouped_update(device):
             # the benchmark's knobs: another tiling, no statistics, a register cap; the same bits, stats untouched
             # and the update pass's grid order, row loop and cache hints, with the statistics in that pass
             knobs = [dict(has_stats=False, tile=(16, 32, 2), max_registers=128),
-                     dict(has_stats=False, cols_first=True, row_tiles=3, stages=2, streaming=True),
-                     dict(sample_rows=0, tile=(16, 32, 2), cols_first=True, row_tiles=2)]
+                     dict(has_stats=False, cols_first=True, streaming=True, load_first=True),
+                     dict(sample_rows=0, tile=(16, 32, 2), cols_first=False, streaming=False, load_first=True),
+                     dict(sample_rows=0, cols_first=True, load_first=False)]
             for options in knobs:
                 got_w, got_r, stats = _run_grouped(*case, **options)
                 for i, (W, res, st) in enumerate(want):
