@@ -215,6 +215,7 @@ def _enqueue_unload(model, momentum, *, adapter_name, merge_precision, seed, unl
     if on_nonfinite not in ("raise", "skip"):
         raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
     momentum = float(momentum)
+    kept = plan is not None  # the caller's plan serves the next unload too
     if plan is None:
         plan = UnloadPlan(adapted_layers(model, adapter_name) if layers is None else layers)
     plan.refresh(merge_precision, momentum, residuals)
@@ -244,6 +245,10 @@ def _enqueue_unload(model, momentum, *, adapter_name, merge_precision, seed, unl
         plan.reinit_(seed, unload_index)
     else:
         plan.scale_b_(1.0 - momentum)
+    if kept and not bad:
+        # while the GPU runs the updates: the next unload's stochastic-rounding seeds (a hash per
+        # layer), which would otherwise keep the GPU idle in front of its first update
+        plan.prepare_keys(seed, unload_index + 1)
     stats = UnloadStats(unload_index=unload_index, layers=len(plan.layers), update_norm=0.0, landed_share=1.0,
                         precision=dict(plan.modes), skipped=bad)
     return stats, sums

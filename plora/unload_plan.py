@@ -288,6 +288,11 @@ class UnloadPlan:
             out.append(work.stats.sum(0, dtype=torch.float64))
         return out
 
+    def prepare_keys(self, seed: int, unload_index: int) -> None:
+        """Make the stochastic-rounding seed tables of an ``update_fused_(seed, unload_index)`` now
+        (``unload_`` makes the next unload's while the GPU runs this one's updates)."""
+        self._seed_keys(seed, unload_index)
+
     def _seed_keys(self, seed: int, unload_index: int) -> dict[int, list[torch.Tensor]]:
         """Per device work, the stochastic groups' seed tables for (seed, unload_index), kept for reuse."""
         if self._keys is None or self._keys[0] != (seed, unload_index):

@@ -258,18 +258,21 @@ def check_misaligned_weight_takes_the_torch_path(device):
 
 
 def check_cached_plan_gives_the_throwaway_plans_result(device):
-    """A plan kept over several unloads (its pointer tables reused) gives what a fresh plan gives."""
-    results = []
-    for cached in (True, False):
-        model = toy_peft(torch.bfloat16).to(device)
-        plan = UnloadPlan(adapted_layers(model)) if cached else None
-        residuals = {}
-        for i in range(3):
-            randomise_adapters_(model, seed=i)
-            plora.unload_(model, 1.0 if i % 2 else 0.5, unload_index=i, residuals=residuals, plan=plan)
-        results.append([t.clone() for t in model.state_dict().values()] + list(residuals.values()))
-    assert len(results[0]) == len(results[1])
-    assert all(torch.equal(a, b) for a, b in zip(*results))
+    """A plan kept over several unloads (its pointer tables and the stochastic seed tables it makes
+    ahead for the next unload index reused) gives what a fresh plan gives, also when the index jumps."""
+    for precision in ("auto", "stochastic"):
+        results = []
+        for cached in (True, False):
+            model = toy_peft(torch.bfloat16).to(device)
+            plan = UnloadPlan(adapted_layers(model)) if cached else None
+            residuals = {}
+            for i, index in enumerate((0, 1, 3, 4)):
+                randomise_adapters_(model, seed=i)
+                plora.unload_(model, 1.0 if i % 2 else 0.5, unload_index=index, residuals=residuals, plan=plan,
+                              merge_precision=precision, seed=7 if i < 3 else 8)
+            results.append([t.clone() for t in model.state_dict().values()] + list(residuals.values()))
+        assert len(results[0]) == len(results[1])
+        assert all(torch.equal(a, b) for a, b in zip(*results)), precision
 
 
 CHECKS = [
