@@ -117,6 +117,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tiles", type=tiles_argument, default=tiles_argument("32x128x4,64x128x4,32x256x4"),
                     help="ROWSxCOLSxWARPS,... (the kernel's default tile is 32x128x4)")
     ap.add_argument("--max-registers", type=int, default=None, help="compile with maxnreg (ptxas may spill)")
+    ap.add_argument("--load-first", action="store_true",
+                    help="grouped kernel with W's tile loaded before the factors (its LOAD_FIRST option)")
     args = ap.parse_args(argv)
     if not args.tiles:
         ap.error("--tiles: name at least one tile (the single-layer rows use the first)")
@@ -132,6 +134,8 @@ def main(argv=None) -> int:
           f"64 warps per SM)\n")
     if args.max_registers:
         print(f"registers capped at {args.max_registers} per thread (maxnreg)\n")
+    if args.load_first:
+        print("grouped kernel: W's tile loaded before the factors (LOAD_FIRST)\n")
     print("| kernel | mode | statistics | tile | warps | registers/thread | spill stack B | shared KiB | "
           "programs/SM (by registers, by shared) | warps/SM |")
     print("| --- | --- | --- | --- | ---: | ---: | ---: | ---: | --- | ---: |")
@@ -141,7 +145,7 @@ def main(argv=None) -> int:
         constants = {"MODE": MODES[mode], "HAS_RES": mode == "compensated", "HAS_STATS": stats,
                      "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 16}
         if kind == "grouped":
-            constants.update(FACTOR_DTYPE=tl.float32, STORE=True)
+            constants.update(FACTOR_DTYPE=tl.float32, STORE=True, LOAD_FIRST=args.load_first)
             k = compile_sm90(kernels.unload_tile_grouped, GROUPED, constants, GROUPED_ALIGNED, warps,
                              args.max_registers)
         else:

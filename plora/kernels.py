@@ -24,6 +24,11 @@ shape per launch, grid (tiles_m, tiles_n, layers), each program reading its laye
 and seed from small device tables. One launch per group instead of one per layer is what keeps the
 unload's host time far below its kernel time on models of many small layers.
 
+How the grouped update pass walks W depends on the mode (``UPDATE_LAYOUT``, measured): whether
+the grid sweeps a row tile's column tiles first, whether W's load and store carry streaming cache
+hints, and whether W's tile is loaded before the factors (its DRAM latency then overlaps the small
+product). None of this changes a bit of W.
+
 ``kaiming_fill_`` re-initialises the A factors of a group of layers in one launch: uniform in
 (-bound, bound) from a hash of (seed, element index), two rounds of the same finaliser, 24 random
 bits per element.
@@ -421,8 +426,12 @@ def fused_update_(
 
 FACTOR_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the grouped kernels read
 
-# The update pass's layout per mode (grouped_update_), from bench_unload's probes on an H200
-# (docs/results/performance.md): ... filled in from the measurement
+# The update pass's layout per mode (grouped_update_), from bench_unload's probes on an H200, Llama-2-7B
+# shape, in three runs (docs/results/performance.md): against rows first with no hints, columns first
+# took direct merging from 8.34-8.43 to 8.04-8.14 ms; all three options took compensated merging from
+# 14.9-15.1 to 14.1-14.2 ms; stochastic rounding gained from none (each 0-3% slower), and loading W
+# first costs it registers (168 against 128 per thread offline for sm_90: 3 programs per SM, not 4;
+# benchmarks/kernel_resources.py --load-first).
 UPDATE_LAYOUT = {
     "direct": {"cols_first": True, "streaming": False, "load_first": False},
     "compensated": {"cols_first": True, "streaming": True, "load_first": True},

@@ -54,6 +54,27 @@ def test_grouped_update_uses_vector_loads_and_stores(mode, has_stats):
     assert "st.global.b16" not in ops and "ld.global.b16" not in ops, ops
 
 
+@pytest.mark.parametrize("layout", ["plain", "streaming", "load-first"])
+def test_layout_options_keep_vector_accesses_and_mark_only_w(layout):
+    """The layout options of the update pass (kernels.UPDATE_LAYOUT) keep 16-byte accesses; the
+    streaming hints go on W's load and store alone, not on the residual's."""
+    constants = {"MODE": 1, "HAS_RES": True, "FACTOR_DTYPE": tl.float32, "HAS_STATS": False, "STORE": True,
+                 "BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 16, "COLS_FIRST": True,
+                 "STREAM": layout == "streaming", "LOAD_FIRST": layout == "load-first"}
+    ptx = _ptx(K.unload_tile_grouped, GROUPED, constants, KR.GROUPED_ALIGNED)
+    ops = _memory_ops(ptx)
+    assert "st.global.b16" not in ops and "ld.global.b16" not in ops, ops
+    stores = [op for op in ops if op.startswith("st.")]
+    assert stores and all(op.endswith(".v4.b32") for op in stores), ops
+    streamed = [op for op in re.findall(r"st\.global[.\w]*", ptx) if ".cs" in op]
+    evicted = re.findall(r"ld\.global\.L1::evict_first[.\w]*", ptx)
+    if layout == "streaming":
+        assert len(streamed) == len(evicted) == 4, (streamed, evicted)  # W's tile: 4 vectors per thread
+        assert any(".cs" not in op for op in re.findall(r"st\.global[.\w]*", ptx))  # the residual's
+    else:
+        assert not streamed and not evicted
+
+
 @pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "single-layer"])
 def test_statistics_atomics_are_relaxed(grouped):
     constants = {"MODE": 1, "HAS_RES": True, "HAS_STATS": True, "BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 16}
