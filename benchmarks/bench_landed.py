@@ -38,7 +38,7 @@ def run(mode: str, rel: float, stages: int = 20, n: int = 1024, seed: int = 0):
         with torch.no_grad():
             B.copy_(torch.randn(B.shape, generator=g))
             B.mul_(rel * w0.abs().mean() / layer.delta_weight().float().abs().mean())
-        total += layer.delta_weight().float()
+        total += layer.delta_weight().detach().float()
         st = plora.unload_(model, 1.0, merge_precision=mode, residuals=residuals, unload_index=i, landed_sample_rows=0)
         shares.append(st.landed_share)
     w = layer.weight.detach().float()
