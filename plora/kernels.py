@@ -429,7 +429,7 @@ FACTOR_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the group
 # The update pass's layout per mode (grouped_update_), from bench_unload's probes on an H200, Llama-2-7B
 # shape, in three runs (docs/results/performance.md): against rows first with no hints, columns first
 # took direct merging from 8.34-8.43 to 8.04-8.14 ms; all three options took compensated merging from
-# 14.9-15.1 to 14.1-14.2 ms; stochastic rounding gained from none (each 0-3% slower), and loading W
+# 14.9-15.1 to 14.1-14.2 ms; stochastic rounding gained from none (each 1-4% slower), and loading W
 # first costs it registers (168 against 128 per thread offline for sm_90: 3 programs per SM, not 4;
 # benchmarks/kernel_resources.py --load-first).
 UPDATE_LAYOUT = {

@@ -133,6 +133,8 @@ class UnloadPlan:
         self._scalings = [(layer.module.scaling, layer.adapter) for layer in self.layers]
         self._names = [layer.name for layer in self.layers]
         self._key = None
+        self._devices: list[_DeviceWork] = []  # built by refresh
+        self._keys = None
 
     # --- build and revalidate ---------------------------------------------------------------------
     def refresh(self, merge_precision: str, momentum: float, residuals: dict | None) -> None:
