@@ -5,7 +5,9 @@ matters: an SM has 65,536 registers and 228 KiB of shared memory; a program of W
 registers per thread takes 32 * W * R registers. This compiles each kernel configuration with
 triton's own CUDA backend (no GPU needed), reads the register count from the cubin with the
 ``cuobjdump`` triton ships, and prints how many programs (and warps) fit per SM by registers and
-by shared memory. It explains, it does not time: speed comes from ``bench_unload.py`` on a GPU.
+by shared memory, and counts the block-wide barriers (``bar.sync``: layout conversions through
+shared memory) in the PTX. It explains, it does not time: speed comes from ``bench_unload.py`` on
+a GPU.
 
     python benchmarks/kernel_resources.py                 # grouped kernel per mode and tile, single-layer kernel
     python benchmarks/kernel_resources.py --tiles 32x128x4,64x128x4
@@ -137,8 +139,8 @@ def main(argv=None) -> int:
     if args.load_first:
         print("grouped kernel: W's tile loaded before the factors (LOAD_FIRST)\n")
     print("| kernel | mode | statistics | tile | warps | registers/thread | spill stack B | shared KiB | "
-          "programs/SM (by registers, by shared) | warps/SM |")
-    print("| --- | --- | --- | --- | ---: | ---: | ---: | ---: | --- | ---: |")
+          "programs/SM (by registers, by shared) | warps/SM | bar.sync in PTX |")
+    print("| --- | --- | --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |")
     rows = [("grouped", mode, stats, tile) for mode in MODES for stats in (True, False) for tile in args.tiles]
     rows += [("single-layer", mode, stats, args.tiles[0]) for mode in ("direct", "compensated") for stats in (True, False)]
     for kind, mode, stats, (bm, bn, warps) in rows:
@@ -154,7 +156,8 @@ def main(argv=None) -> int:
         occ = occupancy(regs, shared, warps)
         print(f"| {kind} | {mode} | {'yes' if stats else 'no'} | {bm}x{bn} | {warps} | {regs} | {stack} | "
               f"{shared / 1024:.0f} | "
-              f"{occ['programs']} ({occ['by_registers']}, {occ['by_shared']}) | {occ['warps']} |")
+              f"{occ['programs']} ({occ['by_registers']}, {occ['by_shared']}) | {occ['warps']} | "
+              f"{k.asm['ptx'].count('bar.sync')} |")
     return 0
 
 
