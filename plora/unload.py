@@ -219,7 +219,7 @@ def _enqueue_unload(model, momentum, *, adapter_name, merge_precision, seed, unl
     if plan is None:
         plan = UnloadPlan(adapted_layers(model, adapter_name) if layers is None else layers)
     plan.refresh(merge_precision, momentum, residuals)
-    bad = plan.nonfinite(keys_for=(seed, unload_index))
+    bad = plan.nonfinite()
     if bad and on_nonfinite == "raise":
         raise FloatingPointError(
             f"refusing to unload: the adapter holds NaN/Inf in {len(bad)} layer(s), e.g. {bad[:3]}; "

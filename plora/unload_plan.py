@@ -217,11 +217,8 @@ class UnloadPlan:
         return out
 
     # --- what an unload runs ------------------------------------------------------------------------
-    def nonfinite(self, keys_for: tuple[int, int] | None = None) -> list[str]:
+    def nonfinite(self) -> list[str]:
         """Names of layers whose adapter holds NaN or Inf, in layer order.
-
-        ``keys_for`` = (seed, unload_index) of the coming ``update_fused_``: its stochastic-rounding
-        seed tables (a hash per layer) are made while the GPU computes the norms, not after the sync.
 
         A NaN or Inf anywhere makes a norm non-finite. The fused layers' factors are checked through
         the exact norm of their update, ``||alpha L R||_F^2`` from the factors' Gram matrices (a few
@@ -234,8 +231,6 @@ class UnloadPlan:
         """
         checks: dict[torch.device, list] = {}  # device -> [(finite flags, their layers' names)]
         self.update_norms_()
-        if keys_for is not None:  # host work that overlaps the norms on the GPU, before the sync
-            self._seed_keys(*keys_for)
         for work in self._devices:
             names = [name for g in work.updates for name in g.names]  # the stats table's row order
             checks.setdefault(work.device, []).append((torch.isfinite(work.stats[:, 0]), names))
@@ -272,17 +267,17 @@ class UnloadPlan:
 
         Stochastic rounding draws from ``reinit_seed(seed, layer, unload_index)``, as a layer
         updated on its own by ``kernels.fused_update_`` with that seed would. ``launch`` goes to
-        ``kernels.grouped_update_`` (its benchmark-only options: statistics, tiling, register cap).
+        ``kernels.grouped_update_`` (its benchmark-only options: statistics, tiling, register cap, layout).
         """
         if not self._devices:
             return []
         from plora import kernels
 
         out = []
-        for work in self._devices:
+        for work, work_tables in zip(self._devices, self._seed_keys(seed, unload_index)):
             if norms:
                 work.stats.zero_()
-            tables = iter(self._seed_keys(seed, unload_index)[id(work)])
+            tables = iter(work_tables)  # one per stochastic group, in group order
             for g in work.updates:
                 keys = next(tables) if g.mode == "stochastic" else None
                 kernels.grouped_update_(g.ptrs, g.alphas, keys, g.stats, g.shape, g.strides, g.factor_dtype, g.mode,
@@ -295,11 +290,12 @@ class UnloadPlan:
         (``unload_`` makes the next unload's while the GPU runs this one's updates)."""
         self._seed_keys(seed, unload_index)
 
-    def _seed_keys(self, seed: int, unload_index: int) -> dict[int, list[torch.Tensor]]:
-        """Per device work, the stochastic groups' seed tables for (seed, unload_index), kept for reuse."""
+    def _seed_keys(self, seed: int, unload_index: int) -> list[list[torch.Tensor]]:
+        """The stochastic groups' seed tables for (seed, unload_index), per device work in
+        ``_devices``' order; the last ones made are kept (``prepare_keys`` makes them ahead)."""
         if self._keys is None or self._keys[0] != (seed, unload_index):
-            tables = {id(work): _seed_tables([g for g in work.updates if g.mode == "stochastic"], seed, unload_index,
-                                             work.device) for work in self._devices}
+            tables = [_seed_tables([g for g in work.updates if g.mode == "stochastic"], seed, unload_index,
+                                   work.device) for work in self._devices]
             self._keys = ((seed, unload_index), tables)
         return self._keys[1]
 
