@@ -16,8 +16,9 @@ after a warm-up, in one run on one device:
   sampled rows per layer): what an unload cannot avoid. Probes of where the grouped kernel's time
   goes (GPU only): the same launches with one launch option changed (``--probes``: by default the
   statistics summed over every row, as ``landed_sample_rows=0``; no statistics; at most 128
-  registers per thread, 4 programs per SM; others: W loaded before the factors, the grid's order,
-  a loop over row tiles, streaming cache hints) and with other tilings (``--tiles``); and ``norms only``: the exact ``update_norm`` (``UnloadPlan.update_norms_``) alone.
+  registers per thread, 4 programs per SM; others: the update pass's layout options, see
+  ``PROBES``) and with other tilings (``--tiles``); and ``norms only``: the exact ``update_norm``
+  (``UnloadPlan.update_norms_``) alone, also with other program counts (``--norm-programs``).
 - ``plora <mode>, torch path``: the unload with the Triton kernels switched off (GPU only).
 - ``naive merge``: what axolotl's ReLoRA does per layer, ``W += B @ A * scaling`` then A
   re-initialised (kaiming) and B zeroed.
@@ -89,6 +90,17 @@ def probes_argument(text: str) -> list[str]:
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown probe(s) {', '.join(unknown)}; choose from {', '.join(PROBES)}")
     return names
+
+
+def counts_argument(text: str) -> list[int]:
+    """``--norm-programs``: comma-separated positive integers."""
+    try:
+        counts = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        counts = [0]
+    if any(c < 1 for c in counts):
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
+    return counts
 
 
 # name: (hidden, intermediate, layers, kv width): q/o hidden x hidden, k/v kv x hidden,
@@ -335,10 +347,10 @@ def bench_model(shape, device, args, clock, copy_bps):
                 row(f"update only {mode} (Triton, grouped{suffix})", mode, s, growth, reference=naive_s,
                     probe=bool(launch))
             if mode == "direct":  # the exact norm of the update alone (same for every mode)
-                for programs in [2048] + args.norm_programs:
-                    suffix = "" if programs == 2048 else f", {programs} programs per group"
-                    s, _, growth = clock.measure(norms_only(plan, residuals, programs=programs), None,
-                                                 args.reps, args.warmup)
+                for programs in [None] + args.norm_programs:  # None: the kernel's own count
+                    suffix = "" if programs is None else f", {programs} programs per group"
+                    launch = {} if programs is None else {"programs": programs}
+                    s, _, growth = clock.measure(norms_only(plan, residuals, **launch), None, args.reps, args.warmup)
                     row(f"norms only (Triton, factor Grams{suffix})", mode, s, growth, reference=naive_s, probe=True)
         del residuals, plan
 
@@ -395,7 +407,6 @@ def markdown(results) -> str:
     return "\n".join(out)
 
 
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -411,8 +422,8 @@ def main(argv=None) -> int:
     p.add_argument("--probes", type=probes_argument, default=probes_argument(DEFAULT_PROBES),
                    help=f"launch probes of the grouped kernel to time, comma-separated ('' for none; "
                         f"default {DEFAULT_PROBES}): {', '.join(PROBES)}")
-    p.add_argument("--norm-programs", type=lambda t: [int(x) for x in t.split(",") if x.strip()], default=[],
-                   help="also time the norm kernels with these program counts per group (default 2048), e.g. 8192")
+    p.add_argument("--norm-programs", type=counts_argument, default=[],
+                   help="also time the norm kernels with these program counts per group, e.g. 8192,32768")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     args = p.parse_args(argv)
     models = args.models or (["tiny"] if args.small else ["llama-3.2-1b", "llama-2-7b"])

@@ -1,10 +1,11 @@
 """Where an unload's time goes outside its weight updates: a torch.profiler trace of ``unload_``.
 
-``bench_unload.py`` measures the whole unload and its update kernels; the difference (2-4 ms on the
-7B shape) is what this script takes apart. It unloads the Llama-shaped linear layers of
+``bench_unload.py`` measures the whole unload and its update kernels; the difference (about 1 ms
+on the 7B shape; docs/results/performance.md) is what this script takes apart. It unloads the Llama-shaped linear layers of
 ``bench_unload`` a few times with a kept ``UnloadPlan`` (as ``PeriodicUnloader`` does), profiles the
 last unloads with each phase of ``plora.unload._enqueue_unload`` marked (the plan's refresh, the
-finiteness check with its host sync, the grouped updates, the re-init, the final statistics sync),
+finiteness check with its host sync, the grouped updates, the re-init, the next unload's
+stochastic-rounding seeds; the rest is the torch-path layers and the final statistics sync),
 and prints per phase its host time, then for the whole unload its wall time, the time the GPU was
 busy (the union of its kernels and copies) and how long the GPU waited before the first update kernel::
 
@@ -33,7 +34,7 @@ from plora.unload import unload_  # noqa: E402
 from plora.unload_plan import UnloadPlan  # noqa: E402
 
 PHASES = {"refresh": "refresh", "nonfinite": "finiteness check", "update_fused_": "grouped updates",
-          "reinit_": "re-init", "scale_b_": "scale B"}
+          "reinit_": "re-init", "scale_b_": "scale B", "prepare_keys": "next unload's seeds"}
 GPU_WORK = ("kernel", "gpu_memcpy", "gpu_memset")  # what occupies the GPU in a chrome trace
 
 

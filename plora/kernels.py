@@ -20,8 +20,8 @@ with two rounds of the finaliser, in the same measurement.)
 
 Two launch forms run the same tile code (``update_tile``), so they give the same bits:
 ``fused_update_`` updates one layer per launch; ``grouped_update_`` updates a group of layers of one
-shape per launch, grid (tiles_m, tiles_n, layers), each program reading its layer's pointers, alpha
-and seed from small device tables. One launch per group instead of one per layer is what keeps the
+shape per launch, one program per (row tile, column tile, layer), each reading its layer's
+pointers, alpha and seed from small device tables. One launch per group instead of one per layer is what keeps the
 unload's host time far below its kernel time on models of many small layers.
 
 How the grouped update pass walks W depends on the mode (``UPDATE_LAYOUT``, measured): whether

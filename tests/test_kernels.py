@@ -262,8 +262,8 @@ def check_grouped_update(device):
                 assert torch.allclose(stats[i, 1:].cpu(), want_s, rtol=2e-3, atol=1e-7), (mode, m, n, i, stats[i])
                 assert stats[i, 2].item() < 0.9 * (d * d).sum().item()  # a sample, not every row
                 assert stats[i, 0].item() == pytest.approx((d.double() ** 2).sum().item(), rel=2e-3)
-            # the benchmark's knobs: another tiling, no statistics, a register cap; the same bits, stats untouched
-            # and the update pass's grid order, row loop and cache hints, with the statistics in that pass
+            # the benchmark's knobs: another tiling, no statistics, a register cap; the same bits, stats untouched;
+            # and the update pass's layout options, also with the statistics summed in that pass
             knobs = [dict(has_stats=False, tile=(16, 32, 2), max_registers=128),
                      dict(has_stats=False, cols_first=True, streaming=True, load_first=True),
                      dict(sample_rows=0, tile=(16, 32, 2), cols_first=False, streaming=False, load_first=True),
