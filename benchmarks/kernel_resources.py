@@ -9,7 +9,8 @@ by shared memory, and counts the block-wide barriers (``bar.sync``: layout conve
 shared memory) in the PTX. It explains, it does not time: speed comes from ``bench_unload.py`` on
 a GPU.
 
-    python benchmarks/kernel_resources.py                 # grouped kernel per mode and tile, single-layer kernel
+    python benchmarks/kernel_resources.py                 # grouped kernel per mode and tile, single-layer kernel,
+                                                          # and the pipelined Gluon kernel per mode
     python benchmarks/kernel_resources.py --tiles 32x128x4,64x128x4
 """
 
@@ -46,6 +47,10 @@ SINGLE = {"W": "*bf16", "RES": "*bf16", "L": "*fp32", "R": "*fp32", "STATS": "*f
           "BLOCK_K": "constexpr"}
 SINGLE_ALIGNED = ["W", "RES", "L", "R", "STATS", "M", "N", "stride_wm", "stride_lm", "stride_rk"]
 MODES = {"direct": 0, "compensated": 1, "stochastic": 2}
+# plora.kernels_gluon.update_pipelined's runtime arguments (its constexprs come from compile_pipelined_sm90)
+PIPELINED = {"PTRS": "*i64", "ALPHAS": "*fp32", "KEYS": "*i64", "G": "i32", "M": "i32", "N": "i32", "K": "i32",
+             "stride_lm": "i32", "stride_lk": "i32", "stride_rk": "i32", "stride_rn": "i32", "row_tiles": "i32"}
+PIPELINED_ALIGNED = ["PTRS", "ALPHAS", "KEYS", "M", "N", "stride_lm", "stride_rk"]
 
 
 def compile_sm90(fn, signature: dict, constants: dict, aligned: list, num_warps: int = 4,
@@ -72,6 +77,34 @@ def compile_sm90(fn, signature: dict, constants: dict, aligned: list, num_warps:
         warnings.simplefilter("ignore")
         options = {"num_warps": num_warps, **({"maxnreg": max_registers} if max_registers else {})}
         return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def compile_pipelined_sm90(mode: int, factor_dtype=None, block_k: int = 16):
+    """``plora.kernels_gluon.update_pipelined`` for sm_90 with plora's own tiling and stages for
+    ``mode``; ``factor_dtype`` a triton dtype (fp32 by default)."""
+    import triton
+    import triton.language as tl
+    from triton.backends import backends
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from plora import kernels_gluon as kg
+
+    if "nvidia" not in backends:
+        raise RuntimeError("this triton build has no CUDA backend")
+    factor_dtype = factor_dtype or tl.float32
+    constants = dict(MODE=mode, HAS_RES=mode == 1, FACTOR_DTYPE=factor_dtype, BLOCK_M=kg.BLOCK_M,
+                     BLOCK_N=kg.BLOCK_N, BLOCK_K=block_k, STAGES=kg.STAGES[mode],
+                     TILE_LAYOUT=kg.tile_layout(kg.BLOCK_M, kg.BLOCK_N, kg.WARPS),
+                     K_WIDTH=1 if factor_dtype.primitive_bitwidth == 32 else 2)
+    signature = {**PIPELINED, **{k: "constexpr" for k in constants}}
+    names = list(signature)
+    src = GluonASTSource(fn=kg.update_pipelined, signature=signature,
+                         constexprs={(names.index(k),): v for k, v in constants.items()},
+                         attrs={(names.index(n),): [["tt.divisibility", 16]] for n in PIPELINED_ALIGNED})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": kg.WARPS})
 
 
 def registers(kernel) -> tuple[int, int]:
@@ -158,6 +191,17 @@ def main(argv=None) -> int:
               f"{shared / 1024:.0f} | "
               f"{occ['programs']} ({occ['by_registers']}, {occ['by_shared']}) | {occ['warps']} | "
               f"{k.asm['ptx'].count('bar.sync')} |")
+    try:
+        from plora import kernels_gluon as kg
+    except ImportError:
+        return 0
+    for mode, mode_id in MODES.items():  # plora's pipelined update pass (no statistics)
+        k = compile_pipelined_sm90(mode_id)
+        (regs, stack), shared = registers(k), k.metadata.shared
+        occ = occupancy(regs, shared, kg.WARPS)
+        print(f"| pipelined (Gluon) | {mode} | no | {kg.BLOCK_M}x{kg.BLOCK_N} | {kg.WARPS} | {regs} | {stack} | "
+              f"{shared / 1024:.0f} | {occ['programs']} ({occ['by_registers']}, {occ['by_shared']}) | "
+              f"{occ['warps']} | {k.asm['ptx'].count('bar.sync')} |")
     return 0
 
 

@@ -24,7 +24,15 @@ shape per launch, one program per (row tile, column tile, layer), each reading i
 pointers, alpha and seed from small device tables. One launch per group instead of one per layer is what keeps the
 unload's host time far below its kernel time on models of many small layers.
 
-How the grouped update pass walks W depends on the mode (``UPDATE_LAYOUT``, measured): whether
+Where it can (``pipelined_available``: a GPU of sm_80 or newer, gluon in triton, weights of at
+least 128 columns, a multiple of 16, rank at most 32), ``grouped_update_`` runs its update pass as
+``plora.kernels_gluon``'s software-pipelined kernel instead: the same product and rounding, so the
+same bits (GPU tests check every mode and factor dtype), with W streamed through shared memory by
+asynchronous copies; on an H200 it took the update pass from 77-82% of copy bandwidth to 92-95%
+(docs/results/performance.md). The triton kernel remains the reference, the statistics pass, and
+the update pass everywhere else (and with ``PLORA_DISABLE_GLUON=1``).
+
+How the triton update pass walks W depends on the mode (``UPDATE_LAYOUT``, measured): whether
 the grid sweeps a row tile's column tiles first, whether W's load and store carry streaming cache
 hints, and whether W's tile is loaded before the factors (its DRAM latency then overlaps the small
 product). None of this changes a bit of W.
@@ -73,6 +81,15 @@ except Exception:  # ImportError, or a broken install
 
 # triton decides at decoration time whether a kernel runs compiled or in its CPU interpreter
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+# the pipelined update pass (Gluon: compiled only, triton >= 3.4); PLORA_DISABLE_GLUON=1 keeps the
+# triton kernel for every update (the same bits, slower)
+_gluon = None
+if triton is not None and not _INTERPRETED and os.environ.get("PLORA_DISABLE_GLUON", "0") in ("", "0"):
+    try:
+        from plora import kernels_gluon as _gluon
+    except Exception:  # an older triton without gluon, or a broken install
+        _gluon = None
 
 if triton is not None:
     _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -362,6 +379,31 @@ def parse_tiles(text: str) -> list[tuple[int, int, int]]:
     return out
 
 
+def pipelined_available(device: torch.device, n_cols: int, rank: int) -> bool:
+    """Whether ``grouped_update_`` can run its update pass as ``plora.kernels_gluon``'s pipelined
+    kernel for weights of ``n_cols`` columns at rank ``rank`` on ``device``: gluon importable, a GPU
+    of compute capability 8.0 or newer, at least 128 columns and a multiple of 16 (rows then start
+    16-byte aligned: its asynchronous copies move 16 bytes), rank at most 32."""
+    return (
+        _gluon is not None
+        and device.type == "cuda"
+        and _capability(device) >= (8, 0)
+        and n_cols >= _gluon.BLOCK_N
+        and n_cols % 16 == 0
+        and rank <= _gluon.MAX_RANK
+    )
+
+
+_CAPABILITY: dict[int, tuple[int, int]] = {}
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _CAPABILITY:
+        _CAPABILITY[index] = torch.cuda.get_device_capability(index)
+    return _CAPABILITY[index]
+
+
 def _block_sizes(n_cols: int) -> tuple[int, int]:
     # 32 x 128 tiles with 4 warps: the fastest of the shapes measured on an H200 (16..128 rows,
     # 64..512 columns; fewer registers per program, more programs per SM). Narrow weights get
@@ -458,6 +500,8 @@ def grouped_update_(
     cols_first: bool | None = None,
     streaming: bool | None = None,
     load_first: bool | None = None,
+    pipelined: bool | None = None,
+    row_tiles: int | None = None,
 ) -> None:
     """``fused_update_`` for a group of layers in one launch; each layer gets the same bits as alone.
 
@@ -478,6 +522,12 @@ def grouped_update_(
     ``cols_first`` (the grid sweeps a row tile's column tiles first), ``streaming`` (W's load and
     store carry streaming cache hints), ``load_first`` (W's tile is loaded before the factors).
     The bits of W depend on none of these options.
+    ``pipelined`` picks the update pass's kernel: ``plora.kernels_gluon``'s software-pipelined one
+    (True), the triton ``update_tile`` (False), or the former wherever ``pipelined_available`` and no
+    triton-only option (``tile``, ``max_registers``, the layout options) is given (None). It is
+    used for update passes without statistics (the statistics of a sampled pass come from the
+    triton statistics pass); W gets the same bits either way. ``row_tiles`` (benchmark) sets its row
+    tiles per program.
     """
     M, N, K = shape
     G = ptrs.shape[1]
@@ -497,13 +547,28 @@ def grouped_update_(
         # stores), then the update without statistics: their reductions and atomics in every
         # program took the kernel from 80% of copy bandwidth to 54% on an H200 (bench_unload).
         unload_tile_grouped[(_cdiv(tiles_m, step), tiles_n, G)](*args, step, HAS_STATS=True, STORE=False, **options)
+    triton_only = tile is not None or max_registers is not None or any(
+        v is not None for v in (cols_first, streaming, load_first))
+    if pipelined and triton_only:
+        raise ValueError("tile, max_registers and the layout options are the triton kernel's: not with pipelined=True")
+    stats_in_update = has_stats and not sampled
+    if pipelined is None:
+        pipelined = not triton_only and pipelined_available(ptrs.device, N, K)
+    if pipelined and not stats_in_update:
+        if not pipelined_available(ptrs.device, N, K):
+            raise ValueError(f"the pipelined kernel cannot update this group ({M}x{N}, rank {K}) here")
+        _gluon.update_(ptrs, alphas, keys, shape, factor_strides, _TL_DTYPE[factor_dtype], _MODE_ID[mode], has_res,
+                       block_k=options["BLOCK_K"], row_tiles=row_tiles)
+        if has_stats and norms:
+            update_norms_(ptrs, alphas, stats, shape, factor_strides, factor_dtype)
+        return
     layout = dict(UPDATE_LAYOUT[mode])
     layout.update({k: v for k, v in (("cols_first", cols_first), ("streaming", streaming),
                                      ("load_first", load_first)) if v is not None})
     update_options = dict(options, COLS_FIRST=layout["cols_first"], STREAM=layout["streaming"],
                           LOAD_FIRST=layout["load_first"])
     grid = (tiles_n, tiles_m, G) if layout["cols_first"] else (tiles_m, tiles_n, G)
-    unload_tile_grouped[grid](*args, 1, HAS_STATS=has_stats and not sampled, STORE=True, **update_options)
+    unload_tile_grouped[grid](*args, 1, HAS_STATS=stats_in_update, STORE=True, **update_options)
     if has_stats and norms:
         update_norms_(ptrs, alphas, stats, shape, factor_strides, factor_dtype)
 

@@ -150,3 +150,21 @@ def test_resource_report_reads_registers_and_occupancy():
     # 128 registers x 128 threads = 16,384: 4 programs by registers; 20 KiB shared: 11 by shared memory
     assert KR.occupancy(128, 20480, 4) == {"by_registers": 4, "by_shared": 11, "programs": 4, "warps": 16}
     assert KR.occupancy(214, 20480, 4)["programs"] == 2  # 214 rounds up to 216 registers
+
+
+@pytest.mark.parametrize("factor", ["fp32", "bf16"])
+@pytest.mark.parametrize("mode", [0, 1, 2], ids=["direct", "compensated", "stochastic"])
+def test_pipelined_update_streams_w_in_16_byte_pieces(mode, factor):
+    """plora.kernels_gluon: W (and the residual) reach shared memory by 16-byte asynchronous copies,
+    are read from there and written back as 16-byte vectors, with no 2-byte store left (its only
+    global loads are the small factors', element by element into the mma's operand layouts)."""
+    pytest.importorskip("plora.kernels_gluon", reason="this triton has no gluon")
+    if "nvidia" not in _backends():
+        pytest.skip("this triton build has no CUDA backend")
+    ptx = KR.compile_pipelined_sm90(mode, tl.float32 if factor == "fp32" else tl.bfloat16).asm["ptx"]
+    copies = re.findall(r"cp\.async\.cg\.shared\.global[^;]*;", ptx)
+    # cp.async.cg.shared.global [dst], [src], copy size, source size;
+    assert copies and all(re.search(r"\],\s*(0x10|16)\s*[,;]", c) for c in copies), copies[:3]
+    assert "ld.shared.v4.b32" in ptx
+    ops = _memory_ops(ptx)
+    assert "st.global.v4.b32" in ops and "st.global.b16" not in ops, ops

@@ -391,6 +391,72 @@ def test_unload_dispatches_to_kernel_on_cuda(mode, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(*weights))  # same seed, same result
 
 
+# (rows, cols, rank, factor dtype, transposed, layers): rows and columns off the 32 x 128 tile
+# (columns a multiple of 16, as the kernel needs), ranks padded to 16 and 32, every factor dtype,
+# PEFT's transposed strides
+PIPELINED = [
+    (100, 304, 16, torch.float32, False, 3),
+    (64, 128, 8, torch.bfloat16, False, 2),
+    (200, 384, 32, torch.float16, True, 2),
+    (33, 144, 5, torch.float32, True, 3),
+]
+
+
+@cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0),
+                    reason="the pipelined kernel needs sm_80 or newer")
+def test_pipelined_update_gives_the_triton_kernels_bits_on_cuda():
+    """The Gluon pipelined update pass writes every bit of W (and the residual) the per-layer triton
+    kernel writes, for every mode, at any number of row tiles per program, with and without sampled
+    statistics (which the triton statistics pass computes)."""
+    from plora.kernels import MODES, fused_update_, pipelined_available
+
+    assert pipelined_available(torch.device("cuda"), 128, 32)
+    for mode in MODES:
+        for m, n, r, fdtype, tr, count in PIPELINED:
+            layers = [_inputs(m, n, r, fdtype, tr, "cuda", seed=i) for i in range(count)]
+            alphas = [0.7, -1.3, 0.25][:count]
+            seeds = [(1 << 62) + 12345 * i + 7 for i in range(count)]
+            res0 = [(torch.randn(m, n, generator=torch.Generator().manual_seed(10 + i)) * 1e-3).bfloat16().cuda()
+                    if mode == "compensated" else None for i in range(count)]
+            want = []
+            for (W, L, R), alpha, seed, res in zip(layers, alphas, seeds, res0):
+                W, res = W.clone(), None if res is None else res.clone()
+                fused_update_(W, L, R, alpha, mode, res, seed=seed)
+                want.append((W, res))
+            case = (layers, res0, alphas, seeds, fdtype, mode, "cuda")
+            for options in (dict(has_stats=False, pipelined=True), dict(has_stats=False, pipelined=True, row_tiles=1),
+                            dict(has_stats=False, pipelined=True, row_tiles=2),
+                            dict(sample_rows=32)):  # the default dispatch: statistics pass, then the pipelined update
+                got_w, got_r, stats = _run_grouped(*case, **options)
+                for i, (W, res) in enumerate(want):
+                    assert torch.equal(got_w[i], W), (mode, m, n, i, options)
+                    if res is not None:
+                        assert torch.equal(got_r[i], res), (mode, m, n, i, options)
+                if "sample_rows" in options:
+                    _, L_, R_ = layers[0]
+                    norm2 = ((L_.double() @ R_.double()) * alphas[0]).square().sum().item()
+                    assert stats[0, 0].item() == pytest.approx(norm2, rel=1e-5)
+                    assert stats[:, 2].gt(0).all()  # the sampled sums came from the statistics pass
+
+
+@cuda
+def test_pipelined_update_refuses_what_it_cannot_do_on_cuda():
+    from plora.kernels import grouped_update_, pipelined_available
+
+    layers = [_inputs(40, 256, 40, torch.float32, False, "cuda")]
+    args = (_group_tables(layers, [None], "cuda"), torch.ones(1, device="cuda"), None,
+            torch.zeros(1, 3, device="cuda"), (40, 256, 40), layers[0][1].stride() + layers[0][2].stride(),
+            torch.float32, "direct", False)
+    assert not pipelined_available(torch.device("cuda"), 256, 40)  # rank over 32
+    assert not pipelined_available(torch.device("cuda"), 300, 16)  # rows not 16-byte aligned
+    assert not pipelined_available(torch.device("cuda"), 96, 16)  # narrower than one tile
+    with pytest.raises(ValueError, match="cannot update this group"):
+        grouped_update_(*args, has_stats=False, pipelined=True)
+    with pytest.raises(ValueError, match="triton kernel's"):
+        grouped_update_(*args, has_stats=False, pipelined=True, tile=(32, 128, 4))
+
+
 # --- without a GPU: triton's interpreter, in a subprocess -----------------------------------
 
 

@@ -1,0 +1,57 @@
+"""The pipelined Gluon kernel's host side, without a GPU: its register layout and its dispatch.
+
+Its bits are checked against the triton kernel on a GPU (test_kernels.py); here, that the layout
+it relabels the product into places every element of a tile exactly once, with each thread's
+columns in 16-byte runs, and that the plan never routes CPU work to it.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+kernels_gluon = pytest.importorskip("plora.kernels_gluon", reason="this triton has no gluon")
+
+
+def _positions(layout):
+    """(row, col) of every (register, lane, warp) of a linear layout: XOR of the bases of its set bits."""
+    levels = [layout.reg_bases, layout.lane_bases, layout.warp_bases]
+    out = {}
+    for bits in itertools.product(*[range(1 << len(b)) for b in levels]):
+        row = col = 0
+        for index, bases in zip(bits, levels):
+            for k, (r, c) in enumerate(bases):
+                if index >> k & 1:
+                    row ^= r
+                    col ^= c
+        out[bits] = (row, col)
+    return out
+
+
+@pytest.mark.parametrize("tile", [(32, 128, 4), (16, 128, 4), (64, 256, 8), (32, 64, 2)])
+def test_tile_layout_places_every_element_once_in_16_byte_runs(tile):
+    bm, bn, warps = tile
+    layout = kernels_gluon.tile_layout(bm, bn, warps)
+    positions = _positions(layout)
+    assert sorted(positions.values()) == [(r, c) for r in range(bm) for c in range(bn)]  # a bijection
+    run = 2 * bn // (8 * warps)  # REPS * 2 columns per thread, consecutive registers
+    for (reg, lane, warp), (row, col) in positions.items():
+        if reg % run:  # the registers of a run: same row, the next column
+            assert positions[(reg - 1, lane, warp)] == (row, col - 1)
+    assert run * 2 >= 16  # bf16: at least a 16-byte piece per run
+
+
+def test_tile_layout_refuses_a_tile_it_cannot_relabel():
+    with pytest.raises(ValueError, match="no pipelined tile"):
+        kernels_gluon.tile_layout(32, 16, 4)  # fewer columns than one mma column per warp
+    with pytest.raises(ValueError, match="no pipelined tile"):
+        kernels_gluon.tile_layout(24, 128, 4)
+
+
+def test_the_pipelined_kernel_is_never_offered_off_cuda():
+    from plora.kernels import pipelined_available
+
+    assert not pipelined_available(torch.device("cpu"), 4096, 16)
