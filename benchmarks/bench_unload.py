@@ -12,13 +12,15 @@ after a warm-up, in one run on one device:
   the final statistics sync, the finiteness check's sync included) divided by the number of
   layers: the overhead the grouped launches are there to keep small.
 - ``update only <mode>``: just the weight updates of those unloads (``addmm_`` for direct, the
-  grouped Triton launches of the plan for all three modes, with their statistics on the same 64
-  sampled rows per layer): what an unload cannot avoid. Probes of where the grouped kernel's time
-  goes (GPU only): the same launches with one launch option changed (``--probes``: by default the
-  statistics summed over every row, as ``landed_sample_rows=0``; no statistics; at most 128
-  registers per thread, 4 programs per SM; others: the update pass's layout options, see
-  ``PROBES``) and with other tilings (``--tiles``); and ``norms only``: the exact ``update_norm``
-  (``UnloadPlan.update_norms_``) alone, also with other program counts (``--norm-programs``).
+  grouped launches of the plan for all three modes, with their statistics on the same 64 sampled
+  rows per layer): what an unload cannot avoid. Probes of where the grouped kernels' time goes
+  (GPU only): the same launches with one launch option changed (``--probes``: by default the
+  statistics summed over every row, as ``landed_sample_rows=0``; no statistics; the triton
+  ``update_tile`` instead of the pipelined Gluon kernel; others: the triton kernel's register cap
+  and layout options, see ``PROBES``) and with other tilings of the triton kernel (``--tiles``);
+  and ``norms only``: the exact ``update_norm`` (``UnloadPlan.update_norms_``) alone, also with
+  other program counts (``--norm-programs``). ``bench_update_kernels.py`` compares the update
+  kernels themselves.
 - ``plora <mode>, torch path``: the unload with the Triton kernels switched off (GPU only).
 - ``naive merge``: what axolotl's ReLoRA does per layer, ``W += B @ A * scaling`` then A
   re-initialised (kaiming) and B zeroed.
@@ -71,17 +73,20 @@ _PLAIN = {"load_first": False, "cols_first": False, "streaming": False}
 PROBES = {
     "every-row": ("statistics on every row", {"sample_rows": 0}),
     "no-stats": ("no statistics", {"has_stats": False}),
-    "128-registers": ("at most 128 registers", {"max_registers": 128}),
-    # the update pass's layout (kernels.UPDATE_LAYOUT holds each mode's default), each probe absolute
-    "plain-layout": ("rows first, no hints, W loaded after the factors", dict(_PLAIN)),
-    "load-first": ("W loaded before the factors", dict(_PLAIN, load_first=True)),
-    "cols-first": ("grid sweeps columns first", dict(_PLAIN, cols_first=True)),
-    "streaming": ("streaming cache hints", dict(_PLAIN, streaming=True)),
-    "combined": ("W loaded first, columns first, streaming", {"load_first": True, "cols_first": True, "streaming": True}),
-    "combined-no-stats": ("W loaded first, columns first, streaming, no statistics",
-                            {"load_first": True, "cols_first": True, "streaming": True, "has_stats": False}),
+    "triton-update": ("triton update_tile, not the pipelined kernel", {"pipelined": False}),
+    # the triton kernel's own options (grouped_update_ takes the triton kernel when one is given)
+    "128-registers": ("triton kernel, at most 128 registers", {"max_registers": 128}),
+    # its update pass's layout (kernels.UPDATE_LAYOUT holds each mode's default), each probe absolute
+    "plain-layout": ("triton kernel, rows first, no hints, W loaded after the factors", dict(_PLAIN)),
+    "load-first": ("triton kernel, W loaded before the factors", dict(_PLAIN, load_first=True)),
+    "cols-first": ("triton kernel, grid sweeps columns first", dict(_PLAIN, cols_first=True)),
+    "streaming": ("triton kernel, streaming cache hints", dict(_PLAIN, streaming=True)),
+    "combined": ("triton kernel, W loaded first, columns first, streaming",
+                 {"load_first": True, "cols_first": True, "streaming": True}),
+    "combined-no-stats": ("triton kernel, W loaded first, columns first, streaming, no statistics",
+                          {"load_first": True, "cols_first": True, "streaming": True, "has_stats": False}),
 }
-DEFAULT_PROBES = "every-row,no-stats,128-registers"
+DEFAULT_PROBES = "every-row,no-stats,triton-update"
 
 
 def probes_argument(text: str) -> list[str]:

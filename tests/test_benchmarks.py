@@ -109,3 +109,28 @@ def test_profile_unload_reads_a_kept_trace(tmp_path, capsys):
     with pytest.raises(SystemExit):
         prof.main(["--from-trace", str(tmp_path / "bad.json")])
     assert "not a readable chrome trace" in capsys.readouterr().err
+
+
+def test_bench_update_kernels_refuses_bad_lists_and_needs_cuda(capsys, monkeypatch):
+    bench = load("bench_update_kernels")
+    assert bench.int_list("8, 16") == [8, 16]
+    for bad in ("", "8,x", "0", "-2"):
+        with pytest.raises(argparse.ArgumentTypeError, match="positive integers"):
+            bench.int_list(bad)
+    assert bench.modes_list("direct,stochastic") == ["direct", "stochastic"]
+    with pytest.raises(argparse.ArgumentTypeError, match="modes are"):
+        bench.modes_list("direct,exact")
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: False)
+    assert bench.main([]) == 2
+    assert "needs CUDA" in capsys.readouterr().err
+
+
+def test_bench_update_kernels_groups_every_linear_layer_of_a_shape():
+    bench = load("bench_update_kernels")
+    groups = bench.model_groups("tiny", "cpu")
+    hidden, intermediate, layers, kv = bench.SHAPES["tiny"]
+    assert sum(g.count for g in groups) == 7 * layers
+    assert {(g.m, g.n) for g in groups} == {(hidden, hidden), (kv, hidden), (intermediate, hidden),
+                                            (hidden, intermediate)}
+    sub = groups[0].first(1)
+    assert sub.count == 1 and sub.ptrs.shape == (4, 1) and groups[0].count == 2 * layers
