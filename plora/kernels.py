@@ -28,7 +28,7 @@ Where it can (``pipelined_available``: a GPU of sm_80 or newer, gluon in triton,
 least 128 columns, a multiple of 16, rank at most 32), ``grouped_update_`` runs its update pass as
 ``plora.kernels_gluon``'s software-pipelined kernel instead: the same product and rounding, so the
 same bits (GPU tests check every mode and factor dtype), with W streamed through shared memory by
-asynchronous copies; on an H200 it took the update pass from 77-82% of copy bandwidth to 92-95%
+asynchronous copies; on an H200 it took the update pass from 77-92% of copy bandwidth to 92-94.5%
 (docs/results/performance.md). The triton kernel remains the reference, the statistics pass, and
 the update pass everywhere else (and with ``PLORA_DISABLE_GLUON=1``).
 

@@ -1,5 +1,5 @@
 """The grouped update pass as a software-pipelined Gluon kernel: the bits of ``kernels.update_tile``,
-at 92-95% of copy bandwidth instead of 77-92% (H200, Llama-2-7B shape, without statistics;
+at 92-94.5% of copy bandwidth instead of 77-92% (H200, Llama-2-7B shape, without statistics;
 ``benchmarks/bench_update_kernels.py``, docs/results/performance.md).
 
 What limited the one-tile-per-program triton kernel was not its layout conversions (the same
