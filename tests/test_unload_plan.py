@@ -241,6 +241,49 @@ def check_nonfinite_is_caught_in_every_adapter_tensor(device):
         assert plan.nonfinite() == [layers[4].name]
 
 
+def check_nonfinite_holds_back_every_launch(device):
+    """Layers wide enough for the pipelined kernel (on a GPU): the updates are enqueued before the
+    host has read the finiteness check and must write nothing, residuals included, when it fails;
+    with on_nonfinite='skip' the healthy layers then get exactly what an unload without the bad one
+    gives them."""
+    def build():
+        torch.manual_seed(0)
+        base = nn.Sequential(nn.Linear(256, 160), nn.Linear(256, 160), nn.Linear(160, 256), nn.Linear(128, 96))
+        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["0", "1", "2", "3"]))
+        randomise_adapters_(model, 0, scale=0.1)
+        return model.to(device, torch.bfloat16)
+
+    for precision in ("compensated", "stochastic", "direct"):
+        model, clean = build(), build()
+        residuals, clean_residuals = {}, {}
+        plora.unload_(model, 0.5, merge_precision=precision, residuals=residuals, seed=5)
+        plora.unload_(clean, 0.5, merge_precision=precision, residuals=clean_residuals, seed=5)
+        bad = adapted_layers(model)[1]
+        with torch.no_grad():
+            bad.module.lora_B["default"].weight[3, 2] = float("nan")
+        before = {n: t.clone() for n, t in model.state_dict().items()}
+        res_before = {n: r.clone() for n, r in residuals.items()}
+        with pytest.raises(FloatingPointError, match="1 layer"):
+            plora.unload_(model, 1.0, merge_precision=precision, residuals=residuals, seed=6, unload_index=1)
+        same = lambda a, b: torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())  # noqa: E731
+        assert all(same(before[n], t) for n, t in model.state_dict().items()), precision  # (NaN != NaN)
+        assert all(same(res_before[n], r) for n, r in residuals.items()), precision
+        with pytest.warns(UserWarning, match="skipped 1 layer"):
+            stats = plora.unload_(model, 1.0, merge_precision=precision, residuals=residuals, seed=6,
+                                  unload_index=1, on_nonfinite="skip")
+        assert stats.skipped == [bad.name]
+        healthy = [layer for layer in adapted_layers(clean) if layer.name != bad.name]
+        plora.unload_(clean, 1.0, merge_precision=precision, residuals=clean_residuals, seed=6, unload_index=1,
+                      layers=healthy)
+        for a, b in zip(adapted_layers(model), adapted_layers(clean)):
+            if a.name == bad.name:
+                assert torch.equal(a.weight, before[f"{a.name}.base_layer.weight"]), precision
+                continue
+            assert torch.equal(a.weight, b.weight), (precision, a.name)
+            if precision == "compensated":
+                assert torch.equal(residuals[a.name], clean_residuals[b.name]), (precision, a.name)
+
+
 def check_misaligned_weight_takes_the_torch_path(device):
     """The grouped kernels promise the compiler 16-byte aligned data; a weight that is not goes around them."""
     model = stack_peft(device)
@@ -284,6 +327,7 @@ CHECKS = [
     check_plan_follows_new_storage,
     check_nonfinite_layer_is_skipped_on_the_fused_path,
     check_nonfinite_is_caught_in_every_adapter_tensor,
+    check_nonfinite_holds_back_every_launch,
     check_cached_plan_gives_the_throwaway_plans_result,
 ]
 
