@@ -36,7 +36,7 @@ SM90_MAX_WARPS = 64
 # the kernels' signatures, for compiling them without launching
 GROUPED = {"PTRS": "*i64", "ALPHAS": "*fp32", "KEYS": "*i64", "STATS": "*fp32", "G": "i32", "M": "i32", "N": "i32",
            "K": "i32", "stride_wm": "i32", "stride_lm": "i32", "stride_lk": "i32", "stride_rk": "i32",
-           "stride_rn": "i32", "row_step": "i32", "GUARD": "*i32", "MODE": "constexpr", "HAS_RES": "constexpr",
+           "stride_rn": "i32", "row_step": "i32", "MODE": "constexpr", "HAS_RES": "constexpr",
            "FACTOR_DTYPE": "constexpr", "HAS_STATS": "constexpr", "STORE": "constexpr", "BLOCK_M": "constexpr",
            "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
 GROUPED_ALIGNED = ["PTRS", "ALPHAS", "KEYS", "STATS", "M", "N", "stride_wm", "stride_lm", "stride_rk"]
@@ -49,8 +49,7 @@ SINGLE_ALIGNED = ["W", "RES", "L", "R", "STATS", "M", "N", "stride_wm", "stride_
 MODES = {"direct": 0, "compensated": 1, "stochastic": 2}
 # plora.kernels_gluon.update_pipelined's runtime arguments (its constexprs come from compile_pipelined_sm90)
 PIPELINED = {"PTRS": "*i64", "ALPHAS": "*fp32", "KEYS": "*i64", "G": "i32", "M": "i32", "N": "i32", "K": "i32",
-             "stride_lm": "i32", "stride_lk": "i32", "stride_rk": "i32", "stride_rn": "i32", "row_tiles": "i32",
-             "GUARD": "*i32"}
+             "stride_lm": "i32", "stride_lk": "i32", "stride_rk": "i32", "stride_rn": "i32", "row_tiles": "i32"}
 PIPELINED_ALIGNED = ["PTRS", "ALPHAS", "KEYS", "M", "N", "stride_lm", "stride_rk"]
 
 
@@ -97,7 +96,7 @@ def compile_pipelined_sm90(mode: int, factor_dtype=None, block_k: int = 16):
     constants = dict(MODE=mode, HAS_RES=mode == 1, FACTOR_DTYPE=factor_dtype, BLOCK_M=kg.BLOCK_M,
                      BLOCK_N=kg.BLOCK_N, BLOCK_K=block_k, STAGES=kg.STAGES[mode],
                      TILE_LAYOUT=kg.tile_layout(kg.BLOCK_M, kg.BLOCK_N, kg.WARPS),
-                     K_WIDTH=1 if factor_dtype.primitive_bitwidth == 32 else 2, HAS_GUARD=False)
+                     K_WIDTH=1 if factor_dtype.primitive_bitwidth == 32 else 2)
     signature = {**PIPELINED, **{k: "constexpr" for k in constants}}
     names = list(signature)
     src = GluonASTSource(fn=kg.update_pipelined, signature=signature,

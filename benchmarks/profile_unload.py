@@ -4,8 +4,7 @@
 on the 7B shape; docs/results/performance.md) is what this script takes apart. It unloads the Llama-shaped linear layers of
 ``bench_unload`` a few times with a kept ``UnloadPlan`` (as ``PeriodicUnloader`` does), profiles the
 last unloads with each phase of ``plora.unload._enqueue_unload`` marked (the plan's refresh, the
-finiteness check and its host sync (which, on one GPU, waits behind the already enqueued grouped
-updates for the check's flags only), the grouped updates, the re-init, the next unload's
+finiteness check with its host sync, the grouped updates, the re-init, the next unload's
 stochastic-rounding seeds; the rest is the torch-path layers and the final statistics sync),
 and prints per phase its host time, then for the whole unload its wall time, the time the GPU was
 busy (the union of its kernels and copies) and how long the GPU waited before the first update kernel::
@@ -34,8 +33,7 @@ from plora.layers import adapted_layers  # noqa: E402
 from plora.unload import unload_  # noqa: E402
 from plora.unload_plan import UnloadPlan  # noqa: E402
 
-PHASES = {"refresh": "refresh", "nonfinite": "finiteness check", "start_finite_check": "finiteness check",
-          "finish_finite_check": "finiteness check's sync", "update_fused_": "grouped updates",
+PHASES = {"refresh": "refresh", "nonfinite": "finiteness check", "update_fused_": "grouped updates",
           "reinit_": "re-init", "scale_b_": "scale B", "prepare_keys": "next unload's seeds"}
 GPU_WORK = ("kernel", "gpu_memcpy", "gpu_memset")  # what occupies the GPU in a chrome trace
 

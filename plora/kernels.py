@@ -139,7 +139,6 @@ if triton is not None:
         # launch forms share, so a layer gets the same bits whether it is updated alone or in a group.
         # STORE=False computes the tile's statistics without writing anything (the statistics pass of
         # grouped_update_). STREAM marks W's load and store as streaming (read and written once).
-        # M = 0 masks every access off (the finiteness guard of grouped_update_).
         rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         row_ok = rows < M
@@ -230,14 +229,12 @@ if triton is not None:
         G, M, N, K,
         stride_wm, stride_lm, stride_lk, stride_rk, stride_rn,
         row_step,  # program (i, j, g) takes row tile i * row_step (1 but in the statistics pass)
-        GUARD,  # int32 scalar: 0 makes the launch touch nothing (read only with HAS_GUARD)
         MODE: tl.constexpr, HAS_RES: tl.constexpr, FACTOR_DTYPE: tl.constexpr, HAS_STATS: tl.constexpr,
         STORE: tl.constexpr,  # False: the statistics pass, which writes nothing but STATS
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         COLS_FIRST: tl.constexpr = False,  # grid (tiles_n, tiles_m, G): neighbouring programs share rows
         STREAM: tl.constexpr = False,  # streaming cache hints on W (see update_tile)
         LOAD_FIRST: tl.constexpr = False,  # W's loads issued before the factors' (see update_tile)
-        HAS_GUARD: tl.constexpr = False,
     ):
         # program (tile_m, tile_n, layer): the layers of a group share shape, rank, strides, dtypes
         g = tl.program_id(2)
@@ -259,10 +256,7 @@ if triton is not None:
             key = tl.load(KEYS + g)
             key_lo = key & 0x7FFFFFFF
             key_hi = (key >> 32) & 0x7FFFFFFF
-        live_rows = M
-        if HAS_GUARD:
-            live_rows = M * tl.load(GUARD)  # 0 rows: every access masked off
-        update_tile(W, RES, L, R, STATS + 3 * g + 1, live_rows, N, K, stride_wm, stride_lm, stride_lk, stride_rk, stride_rn,
+        update_tile(W, RES, L, R, STATS + 3 * g + 1, M, N, K, stride_wm, stride_lm, stride_lk, stride_rk, stride_rn,
                     tl.load(ALPHAS + g), key_lo, key_hi, tile_m * row_step, tile_n,
                     MODE, HAS_RES, HAS_STATS, STORE, BLOCK_M, BLOCK_N, BLOCK_K, STREAM, LOAD_FIRST)
 
@@ -508,7 +502,6 @@ def grouped_update_(
     load_first: bool | None = None,
     pipelined: bool | None = None,
     row_tiles: int | None = None,
-    guard: torch.Tensor | None = None,
 ) -> None:
     """``fused_update_`` for a group of layers in one launch; each layer gets the same bits as alone.
 
@@ -535,9 +528,6 @@ def grouped_update_(
     used for update passes without statistics (the statistics of a sampled pass come from the
     triton statistics pass); W gets the same bits either way. ``row_tiles`` (benchmark) sets its row
     tiles per program.
-    ``guard`` (an int32 scalar on the weights' device): the launches write nothing where it is 0,
-    so they can be enqueued before the host has read the finiteness check it holds the verdict of
-    (``UnloadPlan.start_finite_check``); the norms are still computed.
     """
     M, N, K = shape
     G = ptrs.shape[1]
@@ -548,8 +538,7 @@ def grouped_update_(
     tiles_m, tiles_n = _cdiv(M, block_m), _cdiv(N, block_n)
     step = max(1, tiles_m // _cdiv(sample_rows, block_m)) if sample_rows > 0 else 1
     args = (ptrs, alphas, keys if keys is not None else ptrs, stats, G, M, N, K, N, *factor_strides)
-    guard_args = (guard if guard is not None else ptrs,)
-    options = dict(MODE=_MODE_ID[mode], HAS_RES=has_res, FACTOR_DTYPE=_TL_DTYPE[factor_dtype], HAS_GUARD=guard is not None,
+    options = dict(MODE=_MODE_ID[mode], HAS_RES=has_res, FACTOR_DTYPE=_TL_DTYPE[factor_dtype],
                    BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=16 if K <= 16 else 32, num_warps=num_warps,
                    **({"maxnreg": max_registers} if max_registers else {}))
     sampled = has_stats and step > 1
@@ -557,8 +546,7 @@ def grouped_update_(
         # The statistics of the sampled row tiles first, from W as it is (the same tile code, no
         # stores), then the update without statistics: their reductions and atomics in every
         # program took the kernel from 80% of copy bandwidth to 54% on an H200 (bench_unload).
-        unload_tile_grouped[(_cdiv(tiles_m, step), tiles_n, G)](*args, step, *guard_args, HAS_STATS=True, STORE=False,
-                                                                **options)
+        unload_tile_grouped[(_cdiv(tiles_m, step), tiles_n, G)](*args, step, HAS_STATS=True, STORE=False, **options)
     triton_only = tile is not None or max_registers is not None or any(
         v is not None for v in (cols_first, streaming, load_first))
     if pipelined and triton_only:
@@ -570,7 +558,7 @@ def grouped_update_(
         if not pipelined_available(ptrs.device, N, K):
             raise ValueError(f"the pipelined kernel cannot update this group ({M}x{N}, rank {K}) here")
         _gluon.update_(ptrs, alphas, keys, shape, factor_strides, _TL_DTYPE[factor_dtype], _MODE_ID[mode], has_res,
-                       block_k=options["BLOCK_K"], row_tiles=row_tiles, guard=guard)
+                       block_k=options["BLOCK_K"], row_tiles=row_tiles)
         if has_stats and norms:
             update_norms_(ptrs, alphas, stats, shape, factor_strides, factor_dtype)
         return
@@ -580,7 +568,7 @@ def grouped_update_(
     update_options = dict(options, COLS_FIRST=layout["cols_first"], STREAM=layout["streaming"],
                           LOAD_FIRST=layout["load_first"])
     grid = (tiles_n, tiles_m, G) if layout["cols_first"] else (tiles_m, tiles_n, G)
-    unload_tile_grouped[grid](*args, 1, *guard_args, HAS_STATS=stats_in_update, STORE=True, **update_options)
+    unload_tile_grouped[grid](*args, 1, HAS_STATS=stats_in_update, STORE=True, **update_options)
     if has_stats and norms:
         update_norms_(ptrs, alphas, stats, shape, factor_strides, factor_dtype)
 

@@ -112,12 +112,10 @@ def update_pipelined(
     G, M, N, K,
     stride_lm, stride_lk, stride_rk, stride_rn,
     row_tiles,  # row tiles per program (the last program of a column strip takes what is left)
-    GUARD,  # int32 scalar: 0 makes the launch touch nothing (read only with HAS_GUARD)
     MODE: gl.constexpr, HAS_RES: gl.constexpr, FACTOR_DTYPE: gl.constexpr,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
     STAGES: gl.constexpr, TILE_LAYOUT: gl.constexpr,
     K_WIDTH: gl.constexpr,  # operand elements per thread along k: 2 for 16-bit factors, 1 for fp32 (as triton's dot)
-    HAS_GUARD: gl.constexpr,
 ):
     # program (column tile, layer, chunk of row tiles); the arithmetic is kernels.update_tile's
     layout: gl.constexpr = TILE_LAYOUT
@@ -128,8 +126,6 @@ def update_pipelined(
     g = gl.program_id(1)
     first = gl.program_id(2) * row_tiles
     count = gl.minimum(row_tiles, (M + BLOCK_M - 1) // BLOCK_M - first)
-    if HAS_GUARD:
-        count = count * (gl.load(GUARD) != 0).to(gl.int32)  # no tile at all: nothing copied or stored
     # pointers read from memory carry no alignment; the plan only groups 16-byte aligned tensors
     W = gl.multiple_of(gl.load(PTRS + g).to(gl.pointer_type(gl.bfloat16)), 16)
     RES = gl.multiple_of(gl.load(PTRS + G + g).to(gl.pointer_type(gl.bfloat16)), 16)
@@ -228,7 +224,7 @@ def row_tiles_for(tiles_m: int, tiles_n: int, layers: int, device: torch.device)
 
 
 def update_(ptrs, alphas, keys, shape, factor_strides, tl_factor_dtype, mode_id: int, has_res: bool,
-            *, block_k: int, row_tiles: int | None = None, stages: int | None = None, guard=None) -> None:
+            *, block_k: int, row_tiles: int | None = None, stages: int | None = None) -> None:
     """Launch ``update_pipelined`` over a group (the tables of ``kernels.grouped_update_``)."""
     M, N, K = shape
     G = ptrs.shape[1]
@@ -236,8 +232,7 @@ def update_(ptrs, alphas, keys, shape, factor_strides, tl_factor_dtype, mode_id:
     rows = row_tiles or row_tiles_for(tiles_m, tiles_n, G, ptrs.device)
     update_pipelined[(tiles_n, G, -(-tiles_m // rows))](
         ptrs, alphas, keys if keys is not None else ptrs, G, M, N, K, *factor_strides, rows,
-        guard if guard is not None else ptrs,
         MODE=mode_id, HAS_RES=has_res, FACTOR_DTYPE=tl_factor_dtype, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         BLOCK_K=block_k, STAGES=stages or STAGES[mode_id], TILE_LAYOUT=tile_layout(BLOCK_M, BLOCK_N, WARPS),
-        K_WIDTH=1 if tl_factor_dtype.primitive_bitwidth == 32 else 2, HAS_GUARD=guard is not None, num_warps=WARPS,
+        K_WIDTH=1 if tl_factor_dtype.primitive_bitwidth == 32 else 2, num_warps=WARPS,
     )

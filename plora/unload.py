@@ -219,16 +219,7 @@ def _enqueue_unload(model, momentum, *, adapter_name, merge_precision, seed, unl
     if plan is None:
         plan = UnloadPlan(adapted_layers(model, adapter_name) if layers is None else layers)
     plan.refresh(merge_precision, momentum, residuals)
-    parts = None
-    pending = plan.start_finite_check()
-    if pending is not None:
-        # the fused updates go to the GPU right behind the finiteness check, each launch reading its
-        # verdict on the device (one NaN/Inf anywhere: no launch writes anything); the host reads
-        # the verdict while they run, instead of keeping the GPU idle until it has
-        parts = plan.update_fused_(seed, unload_index, landed_sample_rows, norms=False, guard=pending.guard)
-        bad = plan.finish_finite_check(pending)
-    else:
-        bad = plan.nonfinite()
+    bad = plan.nonfinite()
     if bad and on_nonfinite == "raise":
         raise FloatingPointError(
             f"refusing to unload: the adapter holds NaN/Inf in {len(bad)} layer(s), e.g. {bad[:3]}; "
@@ -239,12 +230,9 @@ def _enqueue_unload(model, momentum, *, adapter_name, merge_precision, seed, unl
         skipped = set(bad)
         plan = UnloadPlan([layer for layer in plan.layers if layer.name not in skipped])
         plan.refresh(merge_precision, momentum, residuals)
-        parts = None  # the guarded launches wrote nothing: the healthy layers' updates follow
-    if parts is None:
-        # the norms of the fused updates came with the finiteness check, unless the plan was rebuilt since
-        parts = plan.update_fused_(seed, unload_index, landed_sample_rows, norms=bool(bad))
     sums = None  # (norm², landed·expected, expected²), accumulated on the device
-    for part in parts:
+    # the norms of the fused updates came with the finiteness check, unless the plan was rebuilt since
+    for part in plan.update_fused_(seed, unload_index, landed_sample_rows, norms=bool(bad)):
         sums = part if sums is None else sums + part.to(sums.device)
     for layer, mode, residual in plan.torch_work:
         # the stochastic-rounding stream; the other modes draw nothing

@@ -115,16 +115,6 @@ class _DeviceWork:
     fills: list[_FillGroup]
 
 
-@dataclass
-class _PendingCheck:
-    """A finiteness check on its way to the host (``UnloadPlan.start_finite_check``)."""
-
-    guard: torch.Tensor  # int32 scalar on the device: 1 when every adapter is finite
-    landed: torch.cuda.Event  # recorded after the flags' copy to the host
-    flags: torch.Tensor  # pinned host bools, valid once ``landed`` has completed
-    names: list[str]
-
-
 class UnloadPlan:
     """What an unload does to each of ``layers``; build once, pass to ``unload_`` at every unload.
 
@@ -145,7 +135,6 @@ class UnloadPlan:
         self._key = None
         self._devices: list[_DeviceWork] = []  # built by refresh
         self._keys = None
-        self._pinned = None  # the host buffer start_finite_check copies its flags into
 
     # --- build and revalidate ---------------------------------------------------------------------
     def refresh(self, merge_precision: str, momentum: float, residuals: dict | None) -> None:
@@ -240,42 +229,6 @@ class UnloadPlan:
         work in front of it is kept to a few launches (with a multi-tensor norm over every adapter
         tensor instead, the unload of a 7B-shaped model took 12.1 ms on an H200, 9.6 ms with this).
         """
-        bad = set()
-        for flags, names in self._finite_flags().values():
-            bad.update(name for name, ok in zip(names, flags.tolist()) if not ok)  # the sync, one per device
-        return [name for name in self._names if name in bad]
-
-    def start_finite_check(self) -> _PendingCheck | None:
-        """``nonfinite`` without waiting: the flags are computed and copied to the host behind an
-        event, and ``guard`` (an int32 scalar on the device, 1 when every flag is set) lets the
-        updates be enqueued right behind them (``update_fused_(guard=...)``): where it is 0 they write
-        nothing. ``finish_finite_check`` then reads the flags once they have landed, while the GPU
-        runs the updates. None where it does not apply (no fused work, or adapters on more than one
-        device, whose updates could not all be held back by one flag): call ``nonfinite`` then.
-        """
-        if not self._devices:
-            return None
-        checks = self._finite_flags()
-        if len(checks) != 1 or next(iter(checks)).type != "cuda":
-            return None
-        (device, (flags, names)), = checks.items()
-        guard = flags.all().to(torch.int32)
-        if self._pinned is None or self._pinned.numel() != flags.numel():
-            self._pinned = torch.empty(flags.numel(), dtype=torch.bool, pin_memory=True)
-        self._pinned.copy_(flags, non_blocking=True)
-        landed = torch.cuda.Event()
-        landed.record(torch.cuda.current_stream(device))
-        return _PendingCheck(guard, landed, self._pinned, names)
-
-    def finish_finite_check(self, pending: _PendingCheck) -> list[str]:
-        """The names ``nonfinite`` would have returned, from a ``start_finite_check``."""
-        pending.landed.synchronize()
-        bad = {name for name, ok in zip(pending.names, pending.flags.tolist()) if not ok}
-        return [name for name in self._names if name in bad]
-
-    def _finite_flags(self) -> dict:
-        """device -> (bool flags on the device, their layers' names): the update norms of the fused
-        layers (computed here, into the stats tables) and a norm of every other adapter tensor."""
         checks: dict[torch.device, list] = {}  # device -> [(finite flags, their layers' names)]
         self.update_norms_()
         for work in self._devices:
@@ -284,8 +237,11 @@ class UnloadPlan:
         for device, groups in self._finite.items():
             flags = torch.cat([torch.isfinite(torch.stack(torch._foreach_norm(ts))) for ts, _ in groups])
             checks.setdefault(device, []).append((flags, [name for _, names in groups for name in names]))
-        return {device: (torch.cat([f for f, _ in parts]), [n for _, names in parts for n in names])
-                for device, parts in checks.items()}
+        bad = set()
+        for parts in checks.values():
+            flags = torch.cat([f for f, _ in parts]).tolist()  # the sync, one per device
+            bad.update(name for name, ok in zip((n for _, names in parts for n in names), flags) if not ok)
+        return [name for name in self._names if name in bad]
 
     def update_norms_(self, **launch) -> None:
         """The fused layers' exact update norms into column 0 of their stats tables, the rest zeroed
@@ -301,14 +257,13 @@ class UnloadPlan:
                 kernels.update_norms_(g.ptrs, g.alphas, g.stats, g.shape, g.strides, g.factor_dtype, **launch)
 
     def update_fused_(self, seed: int, unload_index: int, sample_rows: int = 0, *, norms: bool = True,
-                      guard: torch.Tensor | None = None, **launch) -> list[torch.Tensor]:
+                      **launch) -> list[torch.Tensor]:
         """Launch the grouped updates; per device, a float64 device tensor [norm², landed·d, d·d]:
         the norm² of the merged update over every element, the other two over about ``sample_rows``
         rows per layer (0 = all), as ``unload._unload_layer`` returns them.
 
         ``norms=False``: ``update_norms_`` (run by ``nonfinite``) has just computed the norms for
-        this plan and these factors, so the stats table is used as it left it. ``guard``: from
-        ``start_finite_check``; the launches write nothing unless it is 1.
+        this plan and these factors, so the stats table is used as it left it.
 
         Stochastic rounding draws from ``reinit_seed(seed, layer, unload_index)``, as a layer
         updated on its own by ``kernels.fused_update_`` with that seed would. ``launch`` goes to
@@ -326,7 +281,7 @@ class UnloadPlan:
             for g in work.updates:
                 keys = next(tables) if g.mode == "stochastic" else None
                 kernels.grouped_update_(g.ptrs, g.alphas, keys, g.stats, g.shape, g.strides, g.factor_dtype, g.mode,
-                                        g.has_res, sample_rows=sample_rows, norms=norms, guard=guard, **launch)
+                                        g.has_res, sample_rows=sample_rows, norms=norms, **launch)
             out.append(work.stats.sum(0, dtype=torch.float64))
         return out
 

@@ -242,10 +242,9 @@ def check_nonfinite_is_caught_in_every_adapter_tensor(device):
 
 
 def check_nonfinite_holds_back_every_launch(device):
-    """Layers wide enough for the pipelined kernel (on a GPU): the updates are enqueued before the
-    host has read the finiteness check and must write nothing, residuals included, when it fails;
-    with on_nonfinite='skip' the healthy layers then get exactly what an unload without the bad one
-    gives them."""
+    """Layers wide enough for the pipelined kernel (on a GPU): a failed finiteness check leaves
+    every weight and residual as it was; with on_nonfinite='skip' the healthy layers then get
+    exactly what an unload without the bad one gives them."""
     def build():
         torch.manual_seed(0)
         base = nn.Sequential(nn.Linear(256, 160), nn.Linear(256, 160), nn.Linear(160, 256), nn.Linear(128, 96))
