@@ -241,7 +241,7 @@ def check_nonfinite_is_caught_in_every_adapter_tensor(device):
         assert plan.nonfinite() == [layers[4].name]
 
 
-def check_nonfinite_holds_back_every_launch(device):
+def check_nonfinite_on_wide_layers_touches_nothing(device):
     """Layers wide enough for the pipelined kernel (on a GPU): a failed finiteness check leaves
     every weight and residual as it was; with on_nonfinite='skip' the healthy layers then get
     exactly what an unload without the bad one gives them."""
@@ -326,7 +326,7 @@ CHECKS = [
     check_plan_follows_new_storage,
     check_nonfinite_layer_is_skipped_on_the_fused_path,
     check_nonfinite_is_caught_in_every_adapter_tensor,
-    check_nonfinite_holds_back_every_launch,
+    check_nonfinite_on_wide_layers_touches_nothing,
     check_cached_plan_gives_the_throwaway_plans_result,
 ]
 
