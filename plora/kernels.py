@@ -30,7 +30,8 @@ least 128 columns, a multiple of 16, rank at most 32), ``grouped_update_`` runs 
 same bits (GPU tests check every mode and factor dtype), with W streamed through shared memory by
 asynchronous copies; on an H200 it took the update pass from 77-92% of copy bandwidth to 92-94.5%
 (docs/results/performance.md). The triton kernel remains the reference, the statistics pass, and
-the update pass everywhere else (and with ``PLORA_DISABLE_GLUON=1``).
+the update pass everywhere else: where the statistics are summed in the update launch itself, and
+with ``PLORA_DISABLE_GLUON=1``.
 
 How the triton update pass walks W depends on the mode (``UPDATE_LAYOUT``, measured): whether
 the grid sweeps a row tile's column tiles first, whether W's load and store carry streaming cache

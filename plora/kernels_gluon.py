@@ -3,9 +3,9 @@ at 92-94.5% of copy bandwidth instead of 77-92% (H200, Llama-2-7B shape, without
 ``benchmarks/bench_update_kernels.py``, docs/results/performance.md).
 
 What limited the one-tile-per-program triton kernel was not its layout conversions (the same
-kernel without any ran no faster) but, by all we measured, how few bytes of W each SM had in
-flight: a program loads its factors and multiplies before its W tile arrives, and an in-place
-``W += 1`` with the same tiles and grid reaches copy bandwidth. Here one program updates a column
+kernel without any ran slower) but, by all we measured, how few bytes of W each SM had in
+flight: a program has at most one W tile in flight and holds it through its factor loads and
+product, while an in-place ``W += 1`` with the same tiles and grid reaches copy bandwidth. Here one program updates a column
 strip of up to ``MAX_ROW_TILES`` row tiles of one layer:
 
 - W's row tiles (and the residual's) stream through a ring of ``STAGES`` tiles in shared memory by
