@@ -193,10 +193,9 @@ def main(argv=None) -> int:
         rows.append({"variant": label, "mode": mode, "ms": seconds * 1e3, "copy_share": share, "same_bits": bits})
         print(f"{label:62s} {mode:12s} {seconds * 1e3:8.2f} ms {share:6.1%}", file=sys.stderr, flush=True)
 
-    flat = torch.empty(elements, device="cuda", dtype=torch.bfloat16)
-    flat2 = torch.empty_like(flat)
-    time_row("ceiling: torch copy_ of as many elements", "-", lambda _: flat2.copy_(flat))
-    del flat, flat2
+    buffers = [torch.empty(elements, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    time_row("ceiling: torch copy_ of as many elements", "-", lambda _: buffers[1].copy_(buffers[0]))
+    buffers.clear()
     time_row("ceiling: torch add_(1) in place, every weight", "-", lambda gs: [w.add_(1) for g in gs for w in g.W])
     time_row("ceiling: in-place W += 1, the update's tiles and grid", "-", inplace_add())
     for mode in args.modes:

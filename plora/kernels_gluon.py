@@ -189,7 +189,7 @@ def update_pipelined(
     async_copy.wait_group(0)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tile_layout(block_m: int, block_n: int, num_warps: int) -> gl.DistributedLinearLayout:
     """The register layout of a tile after ``_product_tile``'s relabelling: the mma m16n8 accumulator
     with warps along the columns, each thread's 2 * REPS neighbouring columns (REPS = block_n /
