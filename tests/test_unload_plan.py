@@ -12,18 +12,18 @@ from __future__ import annotations
 import math
 import sys
 
-import interpreter
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
-from toys import randomise_adapters_, toy_inputs, toy_peft
 
+import interpreter
 import plora
 from plora import PeriodicUnloader, PLoRAConfig
 from plora.layers import adapted_layers, reinit_seed
 from plora.optim import reset_adapter_state
 from plora.unload import UnloadPlan
+from toys import randomise_adapters_, toy_inputs, toy_peft
 
 MODES = ("direct", "compensated", "stochastic")
 
