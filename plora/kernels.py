@@ -83,15 +83,6 @@ except Exception:  # ImportError, or a broken install
 # triton decides at decoration time whether a kernel runs compiled or in its CPU interpreter
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
-# the pipelined update pass (Gluon: compiled only, triton >= 3.4); PLORA_DISABLE_GLUON=1 keeps the
-# triton kernel for every update (the same bits, slower)
-_gluon = None
-if triton is not None and not _INTERPRETED and os.environ.get("PLORA_DISABLE_GLUON", "0") in ("", "0"):
-    try:
-        from plora import kernels_gluon as _gluon
-    except Exception:  # an older triton without gluon, or a broken install
-        _gluon = None
-
 if triton is not None:
     _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -344,6 +335,17 @@ if triton is not None:
         tl.store(out + offs, value, mask=offs < numel)
 
 
+# the pipelined update pass (Gluon: compiled only, triton >= 3.4), imported after the helpers above,
+# which it compiles from the same source; PLORA_DISABLE_GLUON=1 keeps the triton kernel for every
+# update (the same bits, slower)
+_gluon = None
+if triton is not None and not _INTERPRETED and os.environ.get("PLORA_DISABLE_GLUON", "0") in ("", "0"):
+    try:
+        from plora import kernels_gluon as _gluon
+    except Exception:  # an older triton without gluon, or a broken install
+        _gluon = None
+
+
 def triton_available() -> bool:
     """Whether triton imports here (it ships with torch's CUDA builds)."""
     return triton is not None
@@ -388,21 +390,11 @@ def pipelined_available(device: torch.device, n_cols: int, rank: int) -> bool:
     return (
         _gluon is not None
         and device.type == "cuda"
-        and _capability(device) >= (8, 0)
+        and _gluon.device_properties(device).major >= 8
         and n_cols >= _gluon.BLOCK_N
         and n_cols % 16 == 0
         and rank <= _gluon.MAX_RANK
     )
-
-
-_CAPABILITY: dict[int, tuple[int, int]] = {}
-
-
-def _capability(device: torch.device) -> tuple[int, int]:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _CAPABILITY:
-        _CAPABILITY[index] = torch.cuda.get_device_capability(index)
-    return _CAPABILITY[index]
 
 
 def _block_sizes(n_cols: int) -> tuple[int, int]:

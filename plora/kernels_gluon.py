@@ -33,6 +33,11 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
+from plora import kernels as _kernels  # (plora.kernels imports this module after its own helpers)
+
+if _kernels.triton is None:  # PLORA_DISABLE_TRITON, or a broken triton: no helpers to build on
+    raise ImportError("plora.kernels_gluon needs plora.kernels' triton helpers, which are not available")
+
 # global -> shared asynchronous copy: async_load from triton 3.7 on, async_copy_global_to_shared before
 _async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
 
@@ -45,23 +50,10 @@ MAX_ROW_TILES = 16  # fewer where that would leave SMs without two programs
 MAX_RANK = 32  # one operand tile of R per program: larger ranks take the triton kernel
 
 
-@gluon.jit
-def _rtne_bf16(x):
-    # fp32 -> nearest bf16, ties to even, in integer arithmetic (kernels.to_bf16_rtne)
-    bits = x.to(gl.uint32, bitcast=True)
-    bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
-    return bits.to(gl.float32, bitcast=True).to(gl.bfloat16)
-
-
-@gluon.jit
-def _fmix32(h):
-    # MurmurHash3's 32-bit finaliser (kernels.fmix32)
-    h ^= h >> 16
-    h *= 0x85EBCA6B
-    h ^= h >> 13
-    h *= 0xC2B2AE35
-    h ^= h >> 16
-    return h
+# the bit-exact helpers of the triton kernel, compiled as Gluon functions from the same source, so
+# both kernels round and hash alike (gluon wraps triton's own standard functions the same way)
+_rtne_bf16 = gluon.jit(_kernels.to_bf16_rtne.fn)
+_fmix32 = gluon.jit(_kernels.fmix32.fn)
 
 
 @gluon.jit
@@ -208,17 +200,23 @@ def tile_layout(block_m: int, block_n: int, num_warps: int) -> gl.DistributedLin
                                       shape=[block_m, block_n])
 
 
-_SMS: dict[int, int] = {}
+@functools.cache
+def _properties(index: int):
+    return torch.cuda.get_device_properties(index)
+
+
+def device_properties(device: torch.device):
+    """``torch.cuda.get_device_properties`` of ``device``, read once per device (the unload asks at
+    every launch)."""
+    return _properties(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def row_tiles_for(tiles_m: int, tiles_n: int, layers: int, device: torch.device) -> int:
     """Row tiles per program: the most (up to MAX_ROW_TILES, halving) that still gives every SM of the
     device two programs, so small layers do not leave SMs idle."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SMS:
-        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    sms = device_properties(device).multi_processor_count
     rows = MAX_ROW_TILES
-    while rows > 1 and tiles_n * layers * -(-tiles_m // rows) < 2 * _SMS[index]:
+    while rows > 1 and tiles_n * layers * -(-tiles_m // rows) < 2 * sms:
         rows //= 2
     return rows
 
