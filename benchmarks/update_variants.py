@@ -20,7 +20,7 @@ import triton.language as tl
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
-from plora.kernels_gluon import _fmix32, _permuted_columns, _product_tile, _rtne_bf16
+from plora.kernels_gluon import _fmix32, _permuted_columns, _product_tile, round_store
 
 
 @triton.jit
@@ -33,25 +33,6 @@ def inplace_add(PTRS, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     mask = (rows[:, None] < M) & (cols[None, :] < N)
     offs = rows[:, None] * N + cols[None, :]
     tl.store(W + offs, (tl.load(W + offs, mask=mask).to(tl.float32) + 1.0).to(tl.bfloat16), mask=mask)
-
-
-@gluon.jit
-def _finish(W, RES, offs, mask, w_old, r_old, d, kmix, MODE: gl.constexpr, HAS_RES: gl.constexpr):
-    # kernels.update_tile's rounding and stores, for a tile already in registers
-    t = w_old.to(gl.float32) + d
-    if MODE == 1:
-        if HAS_RES:
-            t = t + r_old.to(gl.float32)
-            new = _rtne_bf16(t)
-            gl.store(RES + offs, _rtne_bf16(t - new.to(gl.float32)), mask=mask)
-        else:
-            new = _rtne_bf16(t)
-    elif MODE == 2:
-        noise = _fmix32(offs.to(gl.uint32) * 0x9E3779B9 + kmix) >> 16
-        new = ((t.to(gl.uint32, bitcast=True) + noise) & 0xFFFF0000).to(gl.float32, bitcast=True).to(gl.bfloat16)
-    else:
-        new = _rtne_bf16(t)
-    gl.store(W + offs, new, mask=mask)
 
 
 @gluon.jit
@@ -85,7 +66,7 @@ def one_tile(PTRS, ALPHAS, KEYS, G, M, N, K, stride_lm, stride_lk, stride_rk, st
     r_old = w_old
     if MODE == 1 and HAS_RES:
         r_old = gl.load(RES + offs, mask=mask, other=0.0)
-    _finish(W, RES, offs, mask, w_old, r_old, d, kmix, MODE, HAS_RES)
+    round_store(W, RES, offs, mask, w_old, r_old, d, kmix, MODE, HAS_RES)
 
 
 @gluon.jit
@@ -120,7 +101,7 @@ def strip(PTRS, ALPHAS, KEYS, G, M, N, K, stride_lm, stride_lk, stride_rk, strid
         if MODE == 1 and HAS_RES:
             r_next = gl.load(RES + offs, mask=mask, other=0.0)
         d = _product_tile(L, b, alpha, row0, M, K, stride_lm, stride_lk, BLOCK_M, BLOCK_N, BLOCK_K, TILE_LAYOUT, 1)
-        _finish(W, RES, cur_offs, cur_mask, w_old, r_old, d, kmix, MODE, HAS_RES)
+        round_store(W, RES, cur_offs, cur_mask, w_old, r_old, d, kmix, MODE, HAS_RES)
 
 
 @gluon.jit
@@ -147,4 +128,4 @@ def cuda_core(PTRS, ALPHAS, KEYS, G, M, N, K, stride_lm, stride_lk, stride_rk, s
     r_old = w_old
     if MODE == 1 and HAS_RES:
         r_old = gl.load(RES + offs, mask=mask, other=0.0)
-    _finish(W, RES, offs, mask, w_old, r_old, acc * alpha, kmix, MODE, HAS_RES)
+    round_store(W, RES, offs, mask, w_old, r_old, acc * alpha, kmix, MODE, HAS_RES)

@@ -542,26 +542,24 @@ def grouped_update_(
         unload_tile_grouped[(_cdiv(tiles_m, step), tiles_n, G)](*args, step, HAS_STATS=True, STORE=False, **options)
     triton_only = tile is not None or max_registers is not None or any(
         v is not None for v in (cols_first, streaming, load_first))
-    if pipelined and triton_only:
-        raise ValueError("tile, max_registers and the layout options are the triton kernel's: not with pipelined=True")
     stats_in_update = has_stats and not sampled
     if pipelined is None:
         pipelined = not triton_only and pipelined_available(ptrs.device, N, K)
+    elif pipelined and triton_only:
+        raise ValueError("tile, max_registers and the layout options are the triton kernel's: not with pipelined=True")
+    elif pipelined and not stats_in_update and not pipelined_available(ptrs.device, N, K):
+        raise ValueError(f"the pipelined kernel cannot update this group ({M}x{N}, rank {K}) here")
     if pipelined and not stats_in_update:
-        if not pipelined_available(ptrs.device, N, K):
-            raise ValueError(f"the pipelined kernel cannot update this group ({M}x{N}, rank {K}) here")
         _gluon.update_(ptrs, alphas, keys, shape, factor_strides, _TL_DTYPE[factor_dtype], _MODE_ID[mode], has_res,
                        block_k=options["BLOCK_K"], row_tiles=row_tiles)
-        if has_stats and norms:
-            update_norms_(ptrs, alphas, stats, shape, factor_strides, factor_dtype)
-        return
-    layout = dict(UPDATE_LAYOUT[mode])
-    layout.update({k: v for k, v in (("cols_first", cols_first), ("streaming", streaming),
-                                     ("load_first", load_first)) if v is not None})
-    update_options = dict(options, COLS_FIRST=layout["cols_first"], STREAM=layout["streaming"],
-                          LOAD_FIRST=layout["load_first"])
-    grid = (tiles_n, tiles_m, G) if layout["cols_first"] else (tiles_m, tiles_n, G)
-    unload_tile_grouped[grid](*args, 1, HAS_STATS=stats_in_update, STORE=True, **update_options)
+    else:
+        layout = dict(UPDATE_LAYOUT[mode])
+        layout.update({k: v for k, v in (("cols_first", cols_first), ("streaming", streaming),
+                                         ("load_first", load_first)) if v is not None})
+        update_options = dict(options, COLS_FIRST=layout["cols_first"], STREAM=layout["streaming"],
+                              LOAD_FIRST=layout["load_first"])
+        grid = (tiles_n, tiles_m, G) if layout["cols_first"] else (tiles_m, tiles_n, G)
+        unload_tile_grouped[grid](*args, 1, HAS_STATS=stats_in_update, STORE=True, **update_options)
     if has_stats and norms:
         update_norms_(ptrs, alphas, stats, shape, factor_strides, factor_dtype)
 

@@ -163,22 +163,31 @@ def update_pipelined(
         mask = (rows[:, None] < M) & col_ok[None, :]
         d = _product_tile(L, b, alpha, row0, M, K, stride_lm, stride_lk, BLOCK_M, BLOCK_N, BLOCK_K, TILE_LAYOUT, K_WIDTH)
         async_copy.wait_group(STAGES - 1)  # this tile's copy has landed
-        t = w_ring.index(it % STAGES).load(layout).to(gl.float32) + d
-        if MODE == 1:
-            if HAS_RES:
-                t = t + r_ring.index(it % STAGES).load(layout).to(gl.float32)
-                new = _rtne_bf16(t)
-                gl.store(RES + offs, _rtne_bf16(t - new.to(gl.float32)), mask=mask)
-            else:
-                new = _rtne_bf16(t)
-        elif MODE == 2:  # kernels.update_tile's single hash of the element's index in W
-            noise = _fmix32(offs.to(gl.uint32) * 0x9E3779B9 + kmix) >> 16
-            bits = (t.to(gl.uint32, bitcast=True) + noise) & 0xFFFF0000
-            new = bits.to(gl.float32, bitcast=True).to(gl.bfloat16)
+        w_old = w_ring.index(it % STAGES).load(layout)
+        r_old = w_old
+        if RESIDUAL:
+            r_old = r_ring.index(it % STAGES).load(layout)
+        round_store(W, RES, offs, mask, w_old, r_old, d, kmix, MODE, HAS_RES)
+    async_copy.wait_group(0)
+
+
+@gluon.jit
+def round_store(W, RES, offs, mask, w_old, r_old, d, kmix, MODE: gl.constexpr, HAS_RES: gl.constexpr):
+    # kernels.update_tile's rounding and stores for a tile of W (and of the residual, r_old) in registers
+    t = w_old.to(gl.float32) + d
+    if MODE == 1:
+        if HAS_RES:
+            t = t + r_old.to(gl.float32)
+            new = _rtne_bf16(t)
+            gl.store(RES + offs, _rtne_bf16(t - new.to(gl.float32)), mask=mask)
         else:
             new = _rtne_bf16(t)
-        gl.store(W + offs, new, mask=mask)
-    async_copy.wait_group(0)
+    elif MODE == 2:  # kernels.update_tile's single hash of the element's index in W
+        noise = _fmix32(offs.to(gl.uint32) * 0x9E3779B9 + kmix) >> 16
+        new = ((t.to(gl.uint32, bitcast=True) + noise) & 0xFFFF0000).to(gl.float32, bitcast=True).to(gl.bfloat16)
+    else:
+        new = _rtne_bf16(t)
+    gl.store(W + offs, new, mask=mask)
 
 
 @functools.cache
