@@ -20,7 +20,7 @@ import triton.language as tl
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
-from plora.kernels_gluon import _fmix32, _permuted_columns, _product_tile, round_store
+from plora.kernels_gluon import _permuted_columns, _product_tile, layer_tables, round_store
 
 
 @triton.jit
@@ -36,24 +36,11 @@ def inplace_add(PTRS, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @gluon.jit
-def _tables(PTRS, ALPHAS, KEYS, G, g, FACTOR_DTYPE: gl.constexpr, MODE: gl.constexpr):
-    W = gl.multiple_of(gl.load(PTRS + g).to(gl.pointer_type(gl.bfloat16)), 16)
-    RES = gl.multiple_of(gl.load(PTRS + G + g).to(gl.pointer_type(gl.bfloat16)), 16)
-    L = gl.multiple_of(gl.load(PTRS + 2 * G + g).to(gl.pointer_type(FACTOR_DTYPE)), 16)
-    R = gl.multiple_of(gl.load(PTRS + 3 * G + g).to(gl.pointer_type(FACTOR_DTYPE)), 16)
-    kmix = 0
-    if MODE == 2:
-        key = gl.load(KEYS + g)
-        kmix = _fmix32((key & 0x7FFFFFFF).to(gl.uint32) ^ _fmix32(((key >> 32) & 0x7FFFFFFF).to(gl.uint32)))
-    return W, RES, L, R, gl.load(ALPHAS + g), kmix
-
-
-@gluon.jit
 def one_tile(PTRS, ALPHAS, KEYS, G, M, N, K, stride_lm, stride_lk, stride_rk, stride_rn,
              MODE: gl.constexpr, HAS_RES: gl.constexpr, FACTOR_DTYPE: gl.constexpr, BLOCK_M: gl.constexpr,
              BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, TILE_LAYOUT: gl.constexpr):
     # grid (column tiles, row tiles, layers)
-    W, RES, L, R, alpha, kmix = _tables(PTRS, ALPHAS, KEYS, G, gl.program_id(2), FACTOR_DTYPE, MODE)
+    W, RES, L, R, alpha, kmix = layer_tables(PTRS, ALPHAS, KEYS, G, gl.program_id(2), FACTOR_DTYPE, MODE)
     row0 = gl.program_id(1) * BLOCK_M
     col0 = gl.program_id(0) * BLOCK_N
     b = _permuted_columns(R, col0, N, K, stride_rk, stride_rn, BLOCK_N, BLOCK_K, 1)
@@ -74,7 +61,7 @@ def strip(PTRS, ALPHAS, KEYS, G, M, N, K, stride_lm, stride_lk, stride_rk, strid
           MODE: gl.constexpr, HAS_RES: gl.constexpr, FACTOR_DTYPE: gl.constexpr, BLOCK_M: gl.constexpr,
           BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, TILE_LAYOUT: gl.constexpr):
     # grid (column tiles, layers, chunks of row tiles), as plora.kernels_gluon.update_pipelined
-    W, RES, L, R, alpha, kmix = _tables(PTRS, ALPHAS, KEYS, G, gl.program_id(1), FACTOR_DTYPE, MODE)
+    W, RES, L, R, alpha, kmix = layer_tables(PTRS, ALPHAS, KEYS, G, gl.program_id(1), FACTOR_DTYPE, MODE)
     first = gl.program_id(2) * row_tiles
     count = gl.minimum(row_tiles, (M + BLOCK_M - 1) // BLOCK_M - first)
     col0 = gl.program_id(0) * BLOCK_N
@@ -111,7 +98,7 @@ def cuda_core(PTRS, ALPHAS, KEYS, G, M, N, K, stride_lm, stride_lk, stride_rk, s
     # grid (column tiles, row tiles, layers); 8 neighbouring columns per thread
     TPW_N: gl.constexpr = BLOCK_N // 8 if BLOCK_N // 8 < 32 else 32
     layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_N, TPW_N], [gl.num_warps(), 1], [1, 0])
-    W, RES, L, R, alpha, kmix = _tables(PTRS, ALPHAS, KEYS, G, gl.program_id(2), FACTOR_DTYPE, MODE)
+    W, RES, L, R, alpha, kmix = layer_tables(PTRS, ALPHAS, KEYS, G, gl.program_id(2), FACTOR_DTYPE, MODE)
     rows = (gl.program_id(1) * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))).to(gl.int64)
     cols = (gl.program_id(0) * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))).to(gl.int64)
     row_ok = rows < M

@@ -97,6 +97,22 @@ def _permuted_columns(R, col0, N, K, stride_rk, stride_rn, BLOCK_N: gl.constexpr
 
 
 @gluon.jit
+def layer_tables(PTRS, ALPHAS, KEYS, G, g, FACTOR_DTYPE: gl.constexpr, MODE: gl.constexpr):
+    # layer g's pointers (W, residual, L, R), alpha and mixed stochastic-rounding key from the tables
+    # of kernels.grouped_update_. Pointers read from memory carry no alignment; the plan only groups
+    # 16-byte aligned tensors.
+    W = gl.multiple_of(gl.load(PTRS + g).to(gl.pointer_type(gl.bfloat16)), 16)
+    RES = gl.multiple_of(gl.load(PTRS + G + g).to(gl.pointer_type(gl.bfloat16)), 16)
+    L = gl.multiple_of(gl.load(PTRS + 2 * G + g).to(gl.pointer_type(FACTOR_DTYPE)), 16)
+    R = gl.multiple_of(gl.load(PTRS + 3 * G + g).to(gl.pointer_type(FACTOR_DTYPE)), 16)
+    kmix = 0
+    if MODE == 2:
+        key = gl.load(KEYS + g)
+        kmix = _fmix32((key & 0x7FFFFFFF).to(gl.uint32) ^ _fmix32(((key >> 32) & 0x7FFFFFFF).to(gl.uint32)))
+    return W, RES, L, R, gl.load(ALPHAS + g), kmix
+
+
+@gluon.jit
 def update_pipelined(
     PTRS,  # int64 (4, G): data pointers of each layer's W, residual (W's when none), L, R
     ALPHAS,  # fp32 (G,)
@@ -118,17 +134,8 @@ def update_pipelined(
     g = gl.program_id(1)
     first = gl.program_id(2) * row_tiles
     count = gl.minimum(row_tiles, (M + BLOCK_M - 1) // BLOCK_M - first)
-    # pointers read from memory carry no alignment; the plan only groups 16-byte aligned tensors
-    W = gl.multiple_of(gl.load(PTRS + g).to(gl.pointer_type(gl.bfloat16)), 16)
-    RES = gl.multiple_of(gl.load(PTRS + G + g).to(gl.pointer_type(gl.bfloat16)), 16)
-    L = gl.multiple_of(gl.load(PTRS + 2 * G + g).to(gl.pointer_type(FACTOR_DTYPE)), 16)
-    R = gl.multiple_of(gl.load(PTRS + 3 * G + g).to(gl.pointer_type(FACTOR_DTYPE)), 16)
-    alpha = gl.load(ALPHAS + g)
+    W, RES, L, R, alpha, kmix = layer_tables(PTRS, ALPHAS, KEYS, G, g, FACTOR_DTYPE, MODE)
     col0 = tile_n * BLOCK_N
-    kmix = 0
-    if MODE == 2:
-        key = gl.load(KEYS + g)
-        kmix = _fmix32((key & 0x7FFFFFFF).to(gl.uint32) ^ _fmix32(((key >> 32) & 0x7FFFFFFF).to(gl.uint32)))
 
     tile_rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
     cols = (col0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))).to(gl.int64)
