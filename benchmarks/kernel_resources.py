@@ -70,9 +70,11 @@ def compile_sm90(fn, signature: dict, constants: dict, aligned: list, num_warps:
                     and p.default is not inspect.Parameter.empty}, **constants}
     signature = {n: signature.get(n, "constexpr") for n in params if n in signature or n in constants}
     names = list(signature)
-    src = ASTSource(fn=fn, signature=signature,
-                    constexprs={(names.index(k),): v for k, v in constants.items()},
-                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
+    if getattr(fn, "is_gluon", lambda: False)():
+        from triton.experimental.gluon._runtime import GluonASTSource as ASTSource
+    src = ASTSource(
+        fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constants.items()},
+        attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         options = {"num_warps": num_warps, **({"maxnreg": max_registers} if max_registers else {})}
@@ -82,29 +84,12 @@ def compile_sm90(fn, signature: dict, constants: dict, aligned: list, num_warps:
 def compile_pipelined_sm90(mode: int, factor_dtype=None, block_k: int = 16):
     """``plora.kernels_gluon.update_pipelined`` for sm_90 with plora's own tiling and stages for
     ``mode``; ``factor_dtype`` a triton dtype (fp32 by default)."""
-    import triton
     import triton.language as tl
-    from triton.backends import backends
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
 
     from plora import kernels_gluon as kg
 
-    if "nvidia" not in backends:
-        raise RuntimeError("this triton build has no CUDA backend")
-    factor_dtype = factor_dtype or tl.float32
-    constants = dict(MODE=mode, HAS_RES=mode == 1, FACTOR_DTYPE=factor_dtype, BLOCK_M=kg.BLOCK_M,
-                     BLOCK_N=kg.BLOCK_N, BLOCK_K=block_k, STAGES=kg.STAGES[mode],
-                     TILE_LAYOUT=kg.tile_layout(kg.BLOCK_M, kg.BLOCK_N, kg.WARPS),
-                     K_WIDTH=1 if factor_dtype.primitive_bitwidth == 32 else 2)
-    signature = {**PIPELINED, **{k: "constexpr" for k in constants}}
-    names = list(signature)
-    src = GluonASTSource(fn=kg.update_pipelined, signature=signature,
-                         constexprs={(names.index(k),): v for k, v in constants.items()},
-                         attrs={(names.index(n),): [["tt.divisibility", 16]] for n in PIPELINED_ALIGNED})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": kg.WARPS})
+    constants = kg.constants(mode, mode == 1, factor_dtype or tl.float32, block_k)
+    return compile_sm90(kg.update_pipelined, PIPELINED, constants, PIPELINED_ALIGNED, kg.WARPS)
 
 
 def registers(kernel) -> tuple[int, int]:

@@ -53,7 +53,7 @@ def one_tile(PTRS, ALPHAS, KEYS, G, M, N, K, stride_lm, stride_lk, stride_rk, st
     r_old = w_old
     if MODE == 1 and HAS_RES:
         r_old = gl.load(RES + offs, mask=mask, other=0.0)
-    round_store(W, RES, offs, mask, w_old, r_old, d, kmix, MODE, HAS_RES)
+    round_store(W, RES, offs, mask, w_old.to(gl.float32) + d, r_old, kmix, MODE, HAS_RES)
 
 
 @gluon.jit
@@ -88,7 +88,7 @@ def strip(PTRS, ALPHAS, KEYS, G, M, N, K, stride_lm, stride_lk, stride_rk, strid
         if MODE == 1 and HAS_RES:
             r_next = gl.load(RES + offs, mask=mask, other=0.0)
         d = _product_tile(L, b, alpha, row0, M, K, stride_lm, stride_lk, BLOCK_M, BLOCK_N, BLOCK_K, TILE_LAYOUT, 1)
-        round_store(W, RES, cur_offs, cur_mask, w_old, r_old, d, kmix, MODE, HAS_RES)
+        round_store(W, RES, cur_offs, cur_mask, w_old.to(gl.float32) + d, r_old, kmix, MODE, HAS_RES)
 
 
 @gluon.jit
@@ -115,4 +115,4 @@ def cuda_core(PTRS, ALPHAS, KEYS, G, M, N, K, stride_lm, stride_lk, stride_rk, s
     r_old = w_old
     if MODE == 1 and HAS_RES:
         r_old = gl.load(RES + offs, mask=mask, other=0.0)
-    round_store(W, RES, offs, mask, w_old, r_old, acc * alpha, kmix, MODE, HAS_RES)
+    round_store(W, RES, offs, mask, w_old.to(gl.float32) + acc * alpha, r_old, kmix, MODE, HAS_RES)

@@ -170,18 +170,17 @@ def update_pipelined(
         mask = (rows[:, None] < M) & col_ok[None, :]
         d = _product_tile(L, b, alpha, row0, M, K, stride_lm, stride_lk, BLOCK_M, BLOCK_N, BLOCK_K, TILE_LAYOUT, K_WIDTH)
         async_copy.wait_group(STAGES - 1)  # this tile's copy has landed
-        w_old = w_ring.index(it % STAGES).load(layout)
-        r_old = w_old
+        t = w_ring.index(it % STAGES).load(layout).to(gl.float32) + d
+        r_old = t  # (read only with a residual)
         if RESIDUAL:
             r_old = r_ring.index(it % STAGES).load(layout)
-        round_store(W, RES, offs, mask, w_old, r_old, d, kmix, MODE, HAS_RES)
+        round_store(W, RES, offs, mask, t, r_old, kmix, MODE, HAS_RES)
     async_copy.wait_group(0)
 
 
 @gluon.jit
-def round_store(W, RES, offs, mask, w_old, r_old, d, kmix, MODE: gl.constexpr, HAS_RES: gl.constexpr):
-    # kernels.update_tile's rounding and stores for a tile of W (and of the residual, r_old) in registers
-    t = w_old.to(gl.float32) + d
+def round_store(W, RES, offs, mask, t, r_old, kmix, MODE: gl.constexpr, HAS_RES: gl.constexpr):
+    # kernels.update_tile's rounding and stores: t = W's tile + d in fp32, r_old the residual's tile
     if MODE == 1:
         if HAS_RES:
             t = t + r_old.to(gl.float32)
@@ -237,6 +236,14 @@ def row_tiles_for(tiles_m: int, tiles_n: int, layers: int, device: torch.device)
     return rows
 
 
+def constants(mode_id: int, has_res: bool, tl_factor_dtype, block_k: int, stages: int | None = None) -> dict:
+    """``update_pipelined``'s compile-time arguments for a group (also what
+    ``benchmarks/kernel_resources.py`` compiles offline)."""
+    return dict(MODE=mode_id, HAS_RES=has_res, FACTOR_DTYPE=tl_factor_dtype, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                BLOCK_K=block_k, STAGES=stages or STAGES[mode_id], TILE_LAYOUT=tile_layout(BLOCK_M, BLOCK_N, WARPS),
+                K_WIDTH=1 if tl_factor_dtype.primitive_bitwidth == 32 else 2)
+
+
 def update_(ptrs, alphas, keys, shape, factor_strides, tl_factor_dtype, mode_id: int, has_res: bool,
             *, block_k: int, row_tiles: int | None = None, stages: int | None = None) -> None:
     """Launch ``update_pipelined`` over a group (the tables of ``kernels.grouped_update_``)."""
@@ -246,7 +253,5 @@ def update_(ptrs, alphas, keys, shape, factor_strides, tl_factor_dtype, mode_id:
     rows = row_tiles or row_tiles_for(tiles_m, tiles_n, G, ptrs.device)
     update_pipelined[(tiles_n, G, -(-tiles_m // rows))](
         ptrs, alphas, keys if keys is not None else ptrs, G, M, N, K, *factor_strides, rows,
-        MODE=mode_id, HAS_RES=has_res, FACTOR_DTYPE=tl_factor_dtype, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-        BLOCK_K=block_k, STAGES=stages or STAGES[mode_id], TILE_LAYOUT=tile_layout(BLOCK_M, BLOCK_N, WARPS),
-        K_WIDTH=1 if tl_factor_dtype.primitive_bitwidth == 32 else 2, num_warps=WARPS,
+        **constants(mode_id, has_res, tl_factor_dtype, block_k, stages), num_warps=WARPS,
     )
