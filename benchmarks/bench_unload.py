@@ -19,7 +19,7 @@ after a warm-up, in one run on one device:
   ``update_tile`` instead of the pipelined Gluon kernel; others: the triton kernel's register cap
   and layout options, see ``PROBES``) and with other tilings of the triton kernel (``--tiles``);
   and ``norms only``: the exact ``update_norm`` (``UnloadPlan.update_norms_``) alone, also with
-  other program counts (``--norm-programs``). ``bench_update_kernels.py`` compares the update
+  other options (``--norm-variants``). ``bench_update_kernels.py`` compares the update
   kernels themselves.
 - ``plora <mode>, torch path``: the unload with the Triton kernels switched off (GPU only).
 - ``naive merge``: what axolotl's ReLoRA does per layer, ``W += B @ A * scaling`` then A
@@ -98,7 +98,7 @@ def probes_argument(text: str) -> list[str]:
 
 
 def counts_argument(text: str) -> list[int]:
-    """``--norm-programs``: comma-separated positive integers."""
+    """Comma-separated positive integers (``bench_update_kernels``' lists)."""
     try:
         counts = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
@@ -106,6 +106,28 @@ def counts_argument(text: str) -> list[int]:
     if any(c < 1 for c in counts):
         raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
     return counts
+
+
+def norm_variants_argument(text: str) -> list[dict]:
+    """``--norm-variants``: comma-separated PROGRAMS:CHUNK:WARPS:PRECISION:STAGES, options of
+    ``kernels.update_norms_`` (PRECISION: ieee or tf32x3)."""
+    out = []
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        parts = item.split(":")
+        try:
+            programs, chunk, warps, stages = (int(x) for x in parts[:3] + parts[4:])
+            ok = (len(parts) == 5 and programs >= 1 and chunk >= 16 and chunk & (chunk - 1) == 0
+                  and warps in (1, 2, 4, 8) and 1 <= stages <= 6)
+        except ValueError:
+            ok = False
+        if not ok or parts[3] not in ("ieee", "tf32x3"):
+            raise argparse.ArgumentTypeError(
+                f"norm variant {item!r}: PROGRAMS:CHUNK:WARPS:PRECISION:STAGES, e.g. 8192:64:4:ieee:1 (CHUNK a "
+                "power of two >= 16, WARPS 1, 2, 4 or 8, PRECISION ieee or tf32x3, STAGES 1-6)")
+        out.append({"programs": programs, "chunk": chunk, "warps": warps, "precision": parts[3], "stages": stages})
+    return out
 
 
 # name: (hidden, intermediate, layers, kv width): q/o hidden x hidden, k/v kv x hidden,
@@ -352,9 +374,8 @@ def bench_model(shape, device, args, clock, copy_bps):
                 row(f"update only {mode} (Triton, grouped{suffix})", mode, s, growth, reference=naive_s,
                     probe=bool(launch))
             if mode == "direct":  # the exact norm of the update alone (same for every mode)
-                for programs in [None] + args.norm_programs:  # None: the kernel's own count
-                    suffix = "" if programs is None else f", {programs} programs per group"
-                    launch = {} if programs is None else {"programs": programs}
+                for launch in [{}] + args.norm_variants:  # {}: the kernel's defaults
+                    suffix = "".join(f", {k} {v}" for k, v in launch.items())
                     s, _, growth = clock.measure(norms_only(plan, residuals, **launch), None, args.reps, args.warmup)
                     row(f"norms only (Triton, factor Grams{suffix})", mode, s, growth, reference=naive_s, probe=True)
         del residuals, plan
@@ -427,8 +448,9 @@ def main(argv=None) -> int:
     p.add_argument("--probes", type=probes_argument, default=probes_argument(DEFAULT_PROBES),
                    help=f"launch probes of the grouped kernel to time, comma-separated ('' for none; "
                         f"default {DEFAULT_PROBES}): {', '.join(PROBES)}")
-    p.add_argument("--norm-programs", type=counts_argument, default=[],
-                   help="also time the norm kernels with these program counts per group, e.g. 8192,32768")
+    p.add_argument("--norm-variants", type=norm_variants_argument, default=[],
+                   help="also time the norm kernels with these options, PROGRAMS:CHUNK:WARPS:PRECISION:STAGES,... "
+                        "(e.g. 8192:64:4:ieee:1)")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     args = p.parse_args(argv)
     models = args.models or (["tiny"] if args.small else ["llama-3.2-1b", "llama-2-7b"])

@@ -54,7 +54,7 @@ PIPELINED_ALIGNED = ["PTRS", "ALPHAS", "KEYS", "M", "N", "stride_lm", "stride_rk
 
 
 def compile_sm90(fn, signature: dict, constants: dict, aligned: list, num_warps: int = 4,
-                 max_registers: int | None = None):
+                 max_registers: int | None = None, num_stages: int | None = None):
     """The compiled kernel for sm_90 (``.asm['ptx']``, ``.asm['cubin']``, ``.metadata``); raises
     RuntimeError when this triton has no CUDA backend."""
     import triton
@@ -77,7 +77,8 @@ def compile_sm90(fn, signature: dict, constants: dict, aligned: list, num_warps:
         attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        options = {"num_warps": num_warps, **({"maxnreg": max_registers} if max_registers else {})}
+        options = {"num_warps": num_warps, **({"maxnreg": max_registers} if max_registers else {}),
+                   **({"num_stages": num_stages} if num_stages else {})}
         return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 

@@ -3,13 +3,16 @@
 ``bench_unload.py`` measures the whole unload and its update kernels; the difference (about 1 ms
 on the 7B shape; docs/results/performance.md) is what this script takes apart. It unloads the Llama-shaped linear layers of
 ``bench_unload`` a few times with a kept ``UnloadPlan`` (as ``PeriodicUnloader`` does), profiles the
-last unloads with each phase of ``plora.unload._enqueue_unload`` marked (the plan's refresh, the
-finiteness check with its host sync, the grouped updates, the re-init, the next unload's
-stochastic-rounding seeds; the rest is the torch-path layers and the final statistics sync),
+last unloads with each phase of ``plora.unload._enqueue_unload`` marked (the update norms
+launched ahead of the plan's refresh, the refresh, the finiteness check with its host sync, the grouped updates, the re-init, the next unload's
+seeds; the rest is the torch-path layers and the final statistics sync),
 and prints per phase its host time, then for the whole unload its wall time, the time the GPU was
-busy (the union of its kernels and copies) and how long the GPU waited before the first update kernel::
+busy (the union of its kernels and copies) and how long the GPU waited before the first update kernel.
+``--host-only`` times the same phases by ``time.perf_counter`` without the profiler, whose own
+overhead inflates host times::
 
     python benchmarks/profile_unload.py --models llama-2-7b --trace trace.json
+    python benchmarks/profile_unload.py --models llama-2-7b llama-3.2-1b --host-only --reps 20
     python benchmarks/profile_unload.py --from-trace trace.json.gz   # re-analyse a kept trace
 """
 
@@ -22,6 +25,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 from contextlib import contextmanager
 
 import torch
@@ -33,21 +37,22 @@ from plora.layers import adapted_layers  # noqa: E402
 from plora.unload import unload_  # noqa: E402
 from plora.unload_plan import UnloadPlan  # noqa: E402
 
-PHASES = {"refresh": "refresh", "nonfinite": "finiteness check", "update_fused_": "grouped updates",
+PHASES = {"norms_ahead_": "norms launched ahead", "refresh": "refresh", "nonfinite": "finiteness check", "update_fused_": "grouped updates",
           "reinit_": "re-init", "scale_b_": "scale B", "prepare_keys": "next unload's seeds"}
 GPU_WORK = ("kernel", "gpu_memcpy", "gpu_memset")  # what occupies the GPU in a chrome trace
 
 
 @contextmanager
-def marked_phases(plan: UnloadPlan):
-    """Wrap the plan's methods in ``record_function`` ranges named after the phases, for this block only."""
-    saved = {}
+def wrapped_phases(plan: UnloadPlan, around):
+    """Run each of the plan's phase methods inside ``around(label)`` (a context manager), for this
+    block only."""
+    saved = []
     for method, label in PHASES.items():
         original = getattr(plan, method)
-        saved[method] = original
+        saved.append(method)
 
         def wrapped(*args, _original=original, _label=label, **kwargs):
-            with torch.profiler.record_function(f"plora: {_label}"):
+            with around(_label):
                 return _original(*args, **kwargs)
 
         setattr(plan, method, wrapped)
@@ -56,6 +61,20 @@ def marked_phases(plan: UnloadPlan):
     finally:
         for method in saved:
             delattr(plan, method)  # the instance attribute goes; the class's method shows through
+
+
+def marked_phases(plan: UnloadPlan):
+    """The phases as ``record_function`` ranges of a torch.profiler trace."""
+    return wrapped_phases(plan, lambda label: torch.profiler.record_function(f"plora: {label}"))
+
+
+@contextmanager
+def _stopwatch(label: str, sink: dict):
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        sink[label] = sink.get(label, 0.0) + (time.perf_counter() - start) * 1e6
 
 
 def union_length(intervals: list[tuple[float, float]]) -> float:
@@ -139,6 +158,45 @@ def profile_model(shape: str, device: str, mode: str, warmup: int, reps: int, tr
     return result
 
 
+def host_times(shape: str, device: str, mode: str, warmup: int, reps: int) -> dict:
+    """Each phase's host time, by ``time.perf_counter`` without a profiler (whose own overhead inflates
+    host times), and each unload's wall time, over ``reps`` unloads after ``warmup``."""
+    model = bench_unload.build(shape, device)
+    layers = adapted_layers(model)
+    plan = UnloadPlan(layers)
+    residuals = {} if mode == "compensated" else None
+    for i in range(warmup):
+        unload_(model, merge_precision=mode, residuals=residuals, layers=layers, plan=plan, unload_index=i)
+    rows = []
+    for i in range(reps):
+        phases: dict = {}
+        with wrapped_phases(plan, lambda label: _stopwatch(label, phases)):
+            start = time.perf_counter()
+            unload_(model, merge_precision=mode, residuals=residuals, layers=layers, plan=plan,
+                    unload_index=warmup + i)
+            wall = (time.perf_counter() - start) * 1e6  # unload_ ends on its statistics' sync
+        rows.append({"wall_us": wall, "phases_host_us": phases})
+    count = len(layers)
+    del model, layers, plan
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return {"shape": shape, "mode": mode, "layers": count, "host_only": rows}
+
+
+def report_host(result: dict) -> str:
+    rows = result["host_only"]
+    labels = sorted({k for r in rows for k in r["phases_host_us"]}, key=list(PHASES.values()).index)
+    med = {lb: statistics.median(r["phases_host_us"].get(lb, 0.0) for r in rows) for lb in labels}
+    wall = statistics.median(r["wall_us"] for r in rows)
+    rest = statistics.median(r["wall_us"] - sum(r["phases_host_us"].values()) for r in rows)
+    return "\n".join([
+        f"### {result['shape']}, {result['mode']}: {result['layers']} layers, host time by phase, no profiler, "
+        f"{len(rows)} unloads (medians, µs)",
+        "", "| wall | " + " | ".join(f"host: {lb}" for lb in labels) + " | host: the rest (statistics sync included) |",
+        "| ---: | " + " | ".join("---:" for _ in labels) + " | ---: |",
+        f"| {wall:.0f} | " + " | ".join(f"{med[lb]:.0f}" for lb in labels) + f" | {rest:.0f} |", ""])
+
+
 def report(result: dict) -> str:
     rows = result["unloads"]
 
@@ -170,6 +228,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--trace", help="also write the chrome trace of the last profile here")
+    p.add_argument("--host-only", action="store_true",
+                   help="no profiler: each phase's host time by perf_counter (over --reps unloads)")
     p.add_argument("--json", help="write the analysis here")
     p.add_argument("--from-trace", metavar="TRACE",
                    help="only analyse this chrome trace (.json or .json.gz) of an earlier run, print it as JSON")
@@ -188,8 +248,12 @@ def main(argv=None) -> int:
     results = []
     for shape in args.models:
         for mode in args.modes:
-            results.append(profile_model(shape, args.device, mode, args.warmup, args.reps, args.trace))
-            print(report(results[-1]), flush=True)
+            if args.host_only:
+                results.append(host_times(shape, args.device, mode, args.warmup, args.reps))
+                print(report_host(results[-1]), flush=True)
+            else:
+                results.append(profile_model(shape, args.device, mode, args.warmup, args.reps, args.trace))
+                print(report(results[-1]), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -46,7 +46,8 @@ What landed: ``grouped_update_`` sums ``landed * d`` and ``d * d`` over about ``
 per layer, in a pass of the same tile code that stores nothing, run before the update (summing
 them in every tile of the update took it from 80% of copy bandwidth to 54% on an H200; with
 ``sample_rows=0``, or when the sample covers every row tile, the update sums them itself), and
-``update_norms_`` computes the update's exact norm from the factors' Gram matrices.
+``update_norms_`` computes the update's exact norm from the factors' Gram matrices, for layers of
+any shape in one launch pair.
 
 Accuracy: the rank-r product runs on tensor cores in one tf32 pass with fp32 accumulation. bf16 and
 fp16 factors are exact in tf32; fp32 factors are rounded to tf32 (10-bit mantissa), so ``d`` is off
@@ -65,6 +66,7 @@ triton's interpreter (for tests).
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -253,7 +255,8 @@ if triton is not None:
                     MODE, HAS_RES, HAS_STATS, STORE, BLOCK_M, BLOCK_N, BLOCK_K, STREAM, LOAD_FIRST)
 
     @triton.jit
-    def gram_block(P, count, stride_i, stride_k, K, ka, kb, start, step, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr):
+    def gram_block(P, count, stride_i, stride_k, K, ka, kb, start, step, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr,
+                   PRECISION: tl.constexpr):
         # sum over i in chunks start, start + step, ... of P[i, ka]^T P[i, kb] (P: count x K, any
         # strides): L^T L with P = L, R R^T with P = R^T (strides swapped). The left operand is
         # loaded transposed as such: a transposed operand costs registers in tl.dot.
@@ -264,32 +267,39 @@ if triton is not None:
                           mask=(ka < K)[:, None] & (i < count)[None, :], other=0.0).to(tl.float32)
             b = tl.load(P + i[:, None] * stride_i + kb[None, :] * stride_k,
                         mask=(i < count)[:, None] & (kb < K)[None, :], other=0.0).to(tl.float32)
-            acc = tl.dot(a_t, b, acc, input_precision="ieee")
+            acc = tl.dot(a_t, b, acc, input_precision=PRECISION)
         return acc
 
     @triton.jit
     def factor_grams(
-        PTRS,  # the pointer table of unload_tile_grouped (L and R are rows 2 and 3)
+        TABLE,  # int64 (NORM_TABLE_ROWS, G) of a NormTable: per layer L, R, M, N, K, L's strides, R's strides, row
         GRAMS,  # fp32 (G, 2, KPAD, KPAD), zeroed: L^T L and R R^T per layer, accumulated
-        M, N, K,
-        stride_lm, stride_lk, stride_rk, stride_rn,
         FACTOR_DTYPE: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, KPAD: tl.constexpr,
+        PRECISION: tl.constexpr,  # tl.dot's input_precision
     ):
         # Program (g, s) adds the Gram matrices of L's and R's s-th, (s+S)-th, ... chunks of CHUNK
-        # rows / columns of layer g, in BLOCK_K x BLOCK_K blocks (any rank), with relaxed atomics.
+        # rows / columns of layer g, in BLOCK_K x BLOCK_K blocks (any rank up to KPAD), with relaxed
+        # atomics. Each layer has its own shape and strides: one launch serves a device's layers.
         g = tl.program_id(0)
         s = tl.program_id(1)
         G = tl.num_programs(0)
         S = tl.num_programs(1)
-        L = tl.load(PTRS + 2 * G + g).to(tl.pointer_type(FACTOR_DTYPE))
-        R = tl.load(PTRS + 3 * G + g).to(tl.pointer_type(FACTOR_DTYPE))
+        L = tl.load(TABLE + g).to(tl.pointer_type(FACTOR_DTYPE))
+        R = tl.load(TABLE + G + g).to(tl.pointer_type(FACTOR_DTYPE))
+        M = tl.load(TABLE + 2 * G + g).to(tl.int32)
+        N = tl.load(TABLE + 3 * G + g).to(tl.int32)
+        K = tl.load(TABLE + 4 * G + g).to(tl.int32)
+        stride_lm = tl.load(TABLE + 5 * G + g).to(tl.int32)
+        stride_lk = tl.load(TABLE + 6 * G + g).to(tl.int32)
+        stride_rk = tl.load(TABLE + 7 * G + g).to(tl.int32)
+        stride_rn = tl.load(TABLE + 8 * G + g).to(tl.int32)
         out = GRAMS + g * (2 * KPAD * KPAD)
         for a0 in range(0, K, BLOCK_K):
             ka = a0 + tl.arange(0, BLOCK_K)
             for b0 in range(0, K, BLOCK_K):
                 kb = b0 + tl.arange(0, BLOCK_K)
-                gl = gram_block(L, M, stride_lm, stride_lk, K, ka, kb, s * CHUNK, S * CHUNK, CHUNK, BLOCK_K)
-                gr = gram_block(R, N, stride_rn, stride_rk, K, ka, kb, s * CHUNK, S * CHUNK, CHUNK, BLOCK_K)
+                gl = gram_block(L, M, stride_lm, stride_lk, K, ka, kb, s * CHUNK, S * CHUNK, CHUNK, BLOCK_K, PRECISION)
+                gr = gram_block(R, N, stride_rn, stride_rk, K, ka, kb, s * CHUNK, S * CHUNK, CHUNK, BLOCK_K, PRECISION)
                 offs = ka[:, None] * KPAD + kb[None, :]  # KPAD is a multiple of BLOCK_K: in bounds
                 tl.atomic_add(out + offs, gl, sem="relaxed")
                 tl.atomic_add(out + KPAD * KPAD + offs, gr, sem="relaxed")
@@ -297,11 +307,14 @@ if triton is not None:
     @triton.jit
     def gram_norms(
         GRAMS,  # fp32 (G, 2, KPAD, KPAD) from factor_grams
+        TABLE,  # the NormTable's: row 9 is the layer's row of STATS
         ALPHAS,  # fp32 (G,)
-        STATS,  # fp32 (G, 3): column 0 gets ||alpha L R||_F^2 = alpha^2 sum((L^T L) * (R R^T))
+        STATS,  # fp32 (rows, 3): a layer's row gets [||alpha L R||_F^2, 0, 0], the norm from
+                # alpha^2 sum((L^T L) * (R R^T)), the zeros the start of the update pass's sums
         KPAD: tl.constexpr, BLOCK: tl.constexpr,
     ):
         g = tl.program_id(0)
+        row = tl.load(TABLE + 9 * tl.num_programs(0) + g)
         base = GRAMS + g * (2 * KPAD * KPAD)
         total = 0.0
         for i0 in range(0, KPAD * KPAD, BLOCK):
@@ -309,7 +322,9 @@ if triton is not None:
             ok = i < KPAD * KPAD
             total += tl.sum(tl.load(base + i, mask=ok, other=0.0) * tl.load(base + KPAD * KPAD + i, mask=ok, other=0.0))
         alpha = tl.load(ALPHAS + g)
-        tl.store(STATS + 3 * g, alpha * alpha * total)
+        tl.store(STATS + 3 * row, alpha * alpha * total)
+        tl.store(STATS + 3 * row + 1, 0.0)
+        tl.store(STATS + 3 * row + 2, 0.0)
 
     @triton.jit
     def kaiming_fill(
@@ -487,7 +502,6 @@ def grouped_update_(
     *,
     sample_rows: int = 0,
     has_stats: bool = True,
-    norms: bool = True,
     tile: tuple[int, int, int] | None = None,
     max_registers: int | None = None,
     cols_first: bool | None = None,
@@ -498,17 +512,17 @@ def grouped_update_(
 ) -> None:
     """``fused_update_`` for a group of layers in one launch; each layer gets the same bits as alone.
 
-    For every layer g: ``W_g <- round(W_g + alphas[g] * L_g @ R_g)`` under ``mode``. ``stats[g]``
-    (fp32, shape (G, 3)) gets ``||d||_F^2`` (exact, from the factors: two small launches) and
-    accumulates ``[sum(landed * d), sum(d * d)]`` over about ``sample_rows`` evenly spaced rows of W
-    (whole tiles of rows; 0 = every row, exact). ``ptrs`` is an int64 (4, G)
+    For every layer g: ``W_g <- round(W_g + alphas[g] * L_g @ R_g)`` under ``mode``. ``stats[g, 1:]``
+    (fp32, shape (G, 3)) accumulates ``[sum(landed * d), sum(d * d)]`` over about ``sample_rows``
+    evenly spaced rows of W (whole tiles of rows; 0 = every row, exact); ``stats[g, 0]``, the exact
+    ``||d||_F^2``, is ``update_norms_``'s (``UnloadPlan`` runs it for every layer of a device at
+    once, before any update: its finiteness check reads the norms). ``ptrs`` is an int64 (4, G)
     table on the weights' device of the data pointers of W (contiguous bf16, ``shape[:2]`` = (M, N)),
     the residual (bf16, contiguous; any valid pointer without one), L (M, r) and R (r, N);
     ``shape[2]`` is the rank r, ``factor_strides`` the strides of L and R (shared by the group),
     ``factor_dtype`` one of ``FACTOR_DTYPES``; ``keys`` (int64, (G,)) are the stochastic seeds.
     No checks: the caller (``plora.unload_plan``) built the tables from validated tensors.
-    ``norms=False`` leaves ``stats[:, 0]`` to the caller, who computed it with ``update_norms_``
-    (``UnloadPlan.nonfinite`` does, before any update). For the benchmark, to time what they cost:
+    For the benchmark, to time what they cost:
     ``has_stats=False`` skips the statistics, ``tile`` = (block_m, block_n, num_warps) replaces the
     default tiling and ``max_registers`` caps the registers per thread (ptxas may spill).
     The update pass's layout options, each defaulting to the mode's entry in ``UPDATE_LAYOUT``:
@@ -560,30 +574,73 @@ def grouped_update_(
                               LOAD_FIRST=layout["load_first"])
         grid = (tiles_n, tiles_m, G) if layout["cols_first"] else (tiles_m, tiles_n, G)
         unload_tile_grouped[grid](*args, 1, HAS_STATS=stats_in_update, STORE=True, **update_options)
-    if has_stats and norms:
-        update_norms_(ptrs, alphas, stats, shape, factor_strides, factor_dtype)
 
 
-def update_norms_(ptrs, alphas, stats, shape, factor_strides, factor_dtype, *, slices=None, programs=2048) -> None:
-    """``stats[g, 0] = ||alphas[g] * L_g @ R_g||_F^2`` for a group (the tables of ``grouped_update_``).
+NORM_TABLE_ROWS = 10  # L, R (data pointers), M, N, K, L's two strides, R's two strides, stats row
+
+
+@dataclass(frozen=True)
+class NormTable:
+    """The layers whose update norms one ``update_norms_`` launch computes: any shapes, ranks and
+    strides, one factor dtype, one device (``norm_table`` builds it)."""
+
+    table: torch.Tensor  # int64 (NORM_TABLE_ROWS, G)
+    alphas: torch.Tensor  # fp32 (G,)
+    factor_dtype: torch.dtype
+    kpad: int  # the largest rank, padded to the Gram blocks' 16
+    longest: int  # the most rows of an L or columns of an R
+
+
+def norm_table(factors: list[tuple[torch.Tensor, torch.Tensor]], alphas: list[float], rows: list[int]) -> NormTable:
+    """A ``NormTable`` of layers with update ``alphas[g] * L_g @ R_g`` (``factors[g] = (L_g, R_g)``:
+    L (M, r), R (r, N), any strides, one dtype of ``FACTOR_DTYPES``, one device), whose norms go to
+    row ``rows[g]`` of a stats table."""
+    if not factors:
+        raise ValueError("norm_table needs at least one layer")
+    dtype, device = factors[0][0].dtype, factors[0][0].device
+    if any(t.dtype != dtype or t.device != device for pair in factors for t in pair) or dtype not in FACTOR_DTYPES:
+        raise ValueError(f"norm_table: factors of one dtype of {FACTOR_DTYPES} on one device")
+    columns = [[L.data_ptr(), R.data_ptr(), L.shape[0], R.shape[1], L.shape[1], *L.stride(), *R.stride(), row]
+               for (L, R), row in zip(factors, rows)]
+    rank = max(L.shape[1] for L, _ in factors)
+    return NormTable(
+        table=torch.tensor(columns, dtype=torch.int64).T.contiguous().to(device),
+        alphas=torch.tensor(alphas, dtype=torch.float32, device=device),
+        factor_dtype=dtype, kpad=_cdiv(rank, 16) * 16,
+        longest=max(max(L.shape[0], R.shape[1]) for L, R in factors))
+
+
+def update_norms_(norms: NormTable, stats: torch.Tensor, *, slices: int | None = None, programs: int = 4096,
+                  chunk: int = 32, warps: int = 2, precision: str = "tf32x3", stages: int = 1) -> None:
+    """``stats[row_g] = [||alpha_g * L_g @ R_g||_F^2, 0, 0]`` for every layer of ``norms``: two launches.
 
     Exact while the update's other statistics are sampled, from the factors alone:
     ``alpha^2 sum((L^T L) * (R R^T))``. The Gram matrices are summed in 16 x 16 blocks over chunks
-    of 16 rows (of L) and columns (of R) by ``slices`` programs per layer, about 2,048 programs in
-    all (one program per layer, running through its factors serially, took about 1 ms for a 7B
-    model on an H200); then one program per layer multiplies them out. Small blocks keep the fp32
-    products in registers (sm_90: 88 registers, no spill; 16 x 64 chunks or 32-wide blocks
-    spilled). ``slices`` is for tests, ``programs`` (the target per group) for the benchmark.
+    of ``chunk`` rows (of L) and columns (of R) by ``slices`` programs per layer, about ``programs``
+    in all (one program per layer, running through its factors serially, took about 1 ms for a 7B
+    model on an H200); then one program per layer multiplies them out. One launch pair covers
+    layers of every shape, so the unload's finiteness check, which waits for it, costs a few
+    launches per device, not a few per weight shape. The zeros start the sums that
+    ``grouped_update_``'s statistics add to, so the stats table needs no clearing of its own.
+
+    The products run on the tensor cores in three tf32 passes (``tf32x3``: about fp32's accuracy;
+    a NaN or Inf still makes the norm non-finite), 32 rows per step, 2 warps, no software
+    pipelining (which took the kernel to 255 registers and spills for sm_90). On an H200 this took
+    the norms of a 7B-shaped model from 0.45 ms (fp32 products on the CUDA cores, 16 rows per step,
+    4 warps, pipelined; larger steps there were slower) to 0.21 ms, 0.17 to 0.10 ms on a 1B shape
+    (``bench_unload.py --norm-variants``, docs/results/performance.md).
+    ``slices`` is for tests; ``programs``, ``chunk``, ``warps``, ``precision`` (tl.dot's
+    ``input_precision``: "tf32x3", or "ieee" on the CUDA cores) and ``stages`` (triton's software
+    pipelining of the loads; 1 = none) for the benchmark.
     """
-    M, N, K = shape
-    G = ptrs.shape[1]
-    block, chunk = 16, 16
-    kpad = _cdiv(K, block) * block
-    slices = slices or max(1, min(_cdiv(max(M, N), chunk), _cdiv(programs, G)))
-    grams = torch.zeros(G, 2, kpad, kpad, dtype=torch.float32, device=stats.device)
-    factor_grams[(G, slices)](ptrs, grams, M, N, K, *factor_strides, FACTOR_DTYPE=_TL_DTYPE[factor_dtype],
-                              BLOCK_K=block, CHUNK=chunk, KPAD=kpad, num_warps=4)
-    gram_norms[(G,)](grams, alphas, stats, KPAD=kpad, BLOCK=1024, num_warps=4)
+    G = norms.table.shape[1]
+    block = 16
+    slices = slices or max(1, min(_cdiv(norms.longest, chunk), _cdiv(programs, G)))
+    grams = torch.zeros(G, 2, norms.kpad, norms.kpad, dtype=torch.float32, device=stats.device)
+    factor_grams[(G, slices)](norms.table, grams, FACTOR_DTYPE=_TL_DTYPE[norms.factor_dtype], BLOCK_K=block,
+                              CHUNK=chunk, KPAD=norms.kpad, PRECISION=precision, num_warps=warps,
+                              num_stages=stages)
+    gram_norms[(G,)](grams, norms.table, norms.alphas, stats, KPAD=norms.kpad, BLOCK=1024, num_warps=4)
 
 
 def kaiming_fill_(ptrs: torch.Tensor, keys: torch.Tensor, numel: int, bound: float, dtype: torch.dtype) -> None:

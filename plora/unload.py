@@ -218,7 +218,10 @@ def _enqueue_unload(model, momentum, *, adapter_name, merge_precision, seed, unl
     kept = plan is not None  # the caller's plan serves the next unload too
     if plan is None:
         plan = UnloadPlan(adapted_layers(model, adapter_name) if layers is None else layers)
-    plan.refresh(merge_precision, momentum, residuals)
+    # the norms (the finiteness check's and update_norm) run on the GPU while the host checks the plan
+    ahead = plan.norms_ahead_()
+    if plan.refresh(merge_precision, momentum, residuals) or not ahead:
+        plan.update_norms_()
     bad = plan.nonfinite()
     if bad and on_nonfinite == "raise":
         raise FloatingPointError(
@@ -229,7 +232,7 @@ def _enqueue_unload(model, momentum, *, adapter_name, merge_precision, seed, unl
         warnings.warn(f"plora: skipped {len(bad)} layer(s) whose adapter holds NaN/Inf: {bad[:3]}", stacklevel=3)
         skipped = set(bad)
         plan = UnloadPlan([layer for layer in plan.layers if layer.name not in skipped])
-        plan.refresh(merge_precision, momentum, residuals)
+        plan.refresh(merge_precision, momentum, residuals)  # its norms come with update_fused_(norms=True)
     sums = None  # (norm², landed·expected, expected²), accumulated on the device
     # the norms of the fused updates came with the finiteness check, unless the plan was rebuilt since
     for part in plan.update_fused_(seed, unload_index, landed_sample_rows, norms=bool(bad)):
@@ -246,8 +249,8 @@ def _enqueue_unload(model, momentum, *, adapter_name, merge_precision, seed, unl
     else:
         plan.scale_b_(1.0 - momentum)
     if kept and not bad:
-        # while the GPU runs the updates: the next unload's stochastic-rounding seeds (a hash per
-        # layer), which would otherwise keep the GPU idle in front of its first update
+        # while the GPU runs the updates: the next unload's stochastic-rounding and re-init seeds (a
+        # hash per layer), which would otherwise cost host time in front of and among its launches
         plan.prepare_keys(seed, unload_index + 1)
     stats = UnloadStats(unload_index=unload_index, layers=len(plan.layers), update_norm=0.0, landed_share=1.0,
                         precision=dict(plan.modes), skipped=bad)

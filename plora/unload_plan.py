@@ -107,12 +107,14 @@ class _FillGroup:
 
 @dataclass
 class _DeviceWork:
-    """The fused work of one device: its groups and the stats table they write into."""
+    """The fused work of one device: its groups, the stats table they write into, and the tables of
+    the norms' launches (one per factor dtype, every fused layer of the device)."""
 
     device: torch.device
     stats: torch.Tensor  # fp32 (layers, 3): [norm², landed·d, d·d] per layer
     updates: list[_UpdateGroup]
     fills: list[_FillGroup]
+    norms: list  # kernels.NormTable per factor dtype
 
 
 class UnloadPlan:
@@ -129,28 +131,51 @@ class UnloadPlan:
 
     def __init__(self, layers: list[AdaptedLayer]):
         self.layers = list(layers)
-        self._slots = [slot for layer in self.layers for slot in layer.tensor_slots()]
+        slots = [layer.tensor_slots() for layer in self.layers]  # W, A, B, (lora_bias) per layer
+        self._factor_slots = [slot for own in slots for slot in own[1:3]]
+        self._other_slots = [slot for own in slots for slot in own[:1] + own[3:]]
         self._scalings = [(layer.module.scaling, layer.adapter) for layer in self.layers]
         self._names = [layer.name for layer in self.layers]
         self._key = None
         self._devices: list[_DeviceWork] = []  # built by refresh
         self._keys = None
+        self._factor_ptrs = None  # read by norms_ahead_, for the refresh that follows it
 
     # --- build and revalidate ---------------------------------------------------------------------
-    def refresh(self, merge_precision: str, momentum: float, residuals: dict | None) -> None:
-        """Rebuild the plan unless it was built for these arguments and these very tensors.
+    def refresh(self, merge_precision: str, momentum: float, residuals: dict | None) -> bool:
+        """Rebuild the plan unless it was built for these arguments and these very tensors; True
+        if it was rebuilt (its norms, if computed, are then stale: ``update_norms_`` again).
 
         Missing compensated residual buffers are created (zero) on a rebuild, as the unload needs them.
         """
-        if self._key != self._signature(merge_precision, momentum, residuals):
-            self._build(merge_precision, float(momentum), residuals)
-            self._key = self._signature(merge_precision, momentum, residuals)
+        factor_ptrs, self._factor_ptrs = self._factor_ptrs, None
+        if self._key == self._signature(merge_precision, momentum, residuals, factor_ptrs):
+            return False
+        self._build(merge_precision, float(momentum), residuals)
+        self._key = self._signature(merge_precision, momentum, residuals)
+        return True
 
-    def _signature(self, merge_precision, momentum, residuals) -> tuple:
-        ptrs = tuple(d[k].data_ptr() for d, k in self._slots)
-        res = None if residuals is None else tuple(
-            0 if (r := residuals.get(name)) is None else r.data_ptr() for name in self._names)
-        return merge_precision, momentum, ptrs, res, tuple(d[a] for d, a in self._scalings)
+    def norms_ahead_(self) -> bool:
+        """Launch ``update_norms_`` before the ``refresh`` that must follow, if the plan is built and
+        its factor tensors are the ones it was built from (the norm kernels read nothing else, and
+        write only the plan's own tables): the GPU then computes the norms while the host checks the
+        rest of the plan. True if launched; the norms stand unless that refresh rebuilds."""
+        self._factor_ptrs = self._factor_pointers()
+        if self._key is None or not self._devices or self._key[2] != self._factor_ptrs:
+            return False
+        self.update_norms_()
+        return True
+
+    def _factor_pointers(self) -> list[int]:
+        return [d[k].data_ptr() for d, k in self._factor_slots]
+
+    def _signature(self, merge_precision, momentum, residuals, factor_ptrs=None) -> tuple:
+        # list comprehensions, not generators into tuples: this runs in front of every unload
+        factors = factor_ptrs if factor_ptrs is not None else self._factor_pointers()
+        others = [d[k].data_ptr() for d, k in self._other_slots]
+        res = None if residuals is None else [
+            0 if (r := residuals.get(name)) is None else r.data_ptr() for name in self._names]
+        return merge_precision, momentum, factors, others, res, [d[a] for d, a in self._scalings]
 
     def _build(self, merge_precision: str, momentum: float, residuals: dict | None) -> None:
         self._keys = None  # the seed tables of _seed_keys, made for the groups built here
@@ -193,6 +218,10 @@ class UnloadPlan:
         self.torch_reinit = [layer for layer in self.layers if layer.name not in filled]
 
     def _device_work(self, fused: dict, momentum: float) -> list[_DeviceWork]:
+        if not fused:
+            return []
+        from plora import kernels
+
         per_device: dict[torch.device, list] = {}
         for key, members in fused.items():
             per_device.setdefault(key[0], []).append((key, members))
@@ -200,7 +229,13 @@ class UnloadPlan:
         for device, groups in per_device.items():
             stats = torch.zeros(sum(len(members) for _, members in groups), 3, dtype=torch.float32, device=device)
             updates, start = [], 0
+            by_dtype: dict[torch.dtype, tuple[list, list, list]] = {}  # the norms' (factors, alphas, rows)
             for (_, M, N, K, fdtype, strides, mode, has_res, _), members in groups:
+                norm_factors, norm_alphas, norm_rows = by_dtype.setdefault(fdtype, ([], [], []))
+                for i, (layer, _, L, R) in enumerate(members):
+                    norm_factors.append((L, R))
+                    norm_alphas.append(momentum * layer.scaling)
+                    norm_rows.append(start + i)
                 rows = [[layer.weight.data_ptr() for layer, _, _, _ in members],
                         [(res if res is not None else layer.weight).data_ptr() for layer, res, _, _ in members],
                         [L.data_ptr() for _, _, L, _ in members],
@@ -213,7 +248,8 @@ class UnloadPlan:
                                         dtype=torch.float32, device=device),
                     stats=stats[start:start + len(members)]))
                 start += len(members)
-            out.append(_DeviceWork(device, stats, updates, _fill_groups(device, groups)))
+            norms = [kernels.norm_table(*tables) for tables in by_dtype.values()]
+            out.append(_DeviceWork(device, stats, updates, _fill_groups(device, groups), norms))
         return out
 
     # --- what an unload runs ------------------------------------------------------------------------
@@ -221,40 +257,45 @@ class UnloadPlan:
         """Names of layers whose adapter holds NaN or Inf, in layer order.
 
         A NaN or Inf anywhere makes a norm non-finite. The fused layers' factors are checked through
-        the exact norm of their update, ``||alpha L R||_F^2`` from the factors' Gram matrices (a few
-        launches per device, written into the stats table, where ``update_fused_(norms=False)``
-        then finds them); the other adapter tensors through one multi-tensor norm per device and
-        dtype (an update whose norm overflows fp32 is refused as well: merging it would be no
-        better). One host sync for all layers: the unload's only one before its updates, so the host
-        work in front of it is kept to a few launches (with a multi-tensor norm over every adapter
-        tensor instead, the unload of a 7B-shaped model took 12.1 ms on an H200, 9.6 ms with this).
+        the exact norm of their update, ``||alpha L R||_F^2`` from the factors' Gram matrices, which
+        ``update_norms_`` (two launches per device and factor dtype) has written into the stats
+        table since the last rebuild, and where ``update_fused_(norms=False)`` then finds them
+        (``unload_`` launches them ahead of the refresh: ``norms_ahead_``); the other adapter tensors through one
+        multi-tensor norm per device and dtype (an update whose norm overflows fp32 is refused as
+        well: merging it would be no better). One host sync per device, reading the norms
+        themselves: the unload's only one before its updates, so the host work in front of it is
+        kept to a few launches (with a multi-tensor norm over every adapter tensor instead, the
+        unload of a 7B-shaped model took 12.1 ms on an H200, 9.6 ms with Gram norms per weight shape).
         """
-        checks: dict[torch.device, list] = {}  # device -> [(finite flags, their layers' names)]
-        self.update_norms_()
+        checks: dict[torch.device, list] = {}  # device -> [(norms, their layers' names)]
         for work in self._devices:
             names = [name for g in work.updates for name in g.names]  # the stats table's row order
-            checks.setdefault(work.device, []).append((torch.isfinite(work.stats[:, 0]), names))
+            checks.setdefault(work.device, []).append((work.stats, names))
         for device, groups in self._finite.items():
-            flags = torch.cat([torch.isfinite(torch.stack(torch._foreach_norm(ts))) for ts, _ in groups])
-            checks.setdefault(device, []).append((flags, [name for _, names in groups for name in names]))
+            norms = torch.cat([torch.stack(torch._foreach_norm(ts)).float() for ts, _ in groups])
+            checks.setdefault(device, []).append((norms, [name for _, names in groups for name in names]))
         bad = set()
         for parts in checks.values():
-            flags = torch.cat([f for f, _ in parts]).tolist()  # the sync, one per device
-            bad.update(name for name, ok in zip((n for _, names in parts for n in names), flags) if not ok)
+            # the sync, one per device; a lone stats table is read whole (one copy, no gather)
+            if len(parts) == 1 and parts[0][0].dim() == 2:
+                values = [row[0] for row in parts[0][0].tolist()]
+            else:
+                values = torch.cat([v[:, 0] if v.dim() == 2 else v for v, _ in parts]).tolist()
+            names = (n for _, names in parts for n in names)
+            bad.update(name for name, value in zip(names, values) if not math.isfinite(value))
         return [name for name in self._names if name in bad]
 
     def update_norms_(self, **launch) -> None:
-        """The fused layers' exact update norms into column 0 of their stats tables, the rest zeroed
-        (``kernels.update_norms_`` per group, ``launch`` its benchmark options): what
+        """Every fused layer's stats row set to [exact update norm², 0, 0] (``kernels.update_norms_``
+        per device and factor dtype, ``launch`` its benchmark options): what ``nonfinite`` reads and
         ``update_fused_(norms=False)`` then builds on."""
         if not self._devices:
             return
         from plora import kernels
 
         for work in self._devices:
-            work.stats.zero_()
-            for g in work.updates:
-                kernels.update_norms_(g.ptrs, g.alphas, g.stats, g.shape, g.strides, g.factor_dtype, **launch)
+            for norms in work.norms:
+                kernels.update_norms_(norms, work.stats, **launch)
 
     def update_fused_(self, seed: int, unload_index: int, sample_rows: int = 0, *, norms: bool = True,
                       **launch) -> list[torch.Tensor]:
@@ -263,7 +304,8 @@ class UnloadPlan:
         rows per layer (0 = all), as ``unload._unload_layer`` returns them.
 
         ``norms=False``: ``update_norms_`` (run by ``nonfinite``) has just computed the norms for
-        this plan and these factors, so the stats table is used as it left it.
+        this plan and these factors, so the stats table is used as it left it (the benchmark's
+        ``has_stats=False`` skips them as well).
 
         Stochastic rounding draws from ``reinit_seed(seed, layer, unload_index)``, as a layer
         updated on its own by ``kernels.fused_update_`` with that seed would. ``launch`` goes to
@@ -273,29 +315,34 @@ class UnloadPlan:
             return []
         from plora import kernels
 
+        if norms and launch.get("has_stats", True):
+            self.update_norms_()
         out = []
-        for work, work_tables in zip(self._devices, self._seed_keys(seed, unload_index)):
-            if norms:
-                work.stats.zero_()
+        for work, (work_tables, _) in zip(self._devices, self._seed_keys(seed, unload_index)):
             tables = iter(work_tables)  # one per stochastic group, in group order
             for g in work.updates:
                 keys = next(tables) if g.mode == "stochastic" else None
                 kernels.grouped_update_(g.ptrs, g.alphas, keys, g.stats, g.shape, g.strides, g.factor_dtype, g.mode,
-                                        g.has_res, sample_rows=sample_rows, norms=norms, **launch)
+                                        g.has_res, sample_rows=sample_rows, **launch)
             out.append(work.stats.sum(0, dtype=torch.float64))
         return out
 
     def prepare_keys(self, seed: int, unload_index: int) -> None:
-        """Make the stochastic-rounding seed tables of an ``update_fused_(seed, unload_index)`` now
-        (``unload_`` makes the next unload's while the GPU runs this one's updates)."""
+        """Make the seed tables of an unload with (seed, unload_index) now, stochastic rounding's and
+        the re-init's (``unload_`` makes the next unload's while the GPU runs this one's updates)."""
         self._seed_keys(seed, unload_index)
 
-    def _seed_keys(self, seed: int, unload_index: int) -> list[list[torch.Tensor]]:
-        """The stochastic groups' seed tables for (seed, unload_index), per device work in
-        ``_devices``' order; the last ones made are kept (``prepare_keys`` makes them ahead)."""
+    def _seed_keys(self, seed: int, unload_index: int) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+        """Per device work in ``_devices``' order: the stochastic groups' seed tables for ``seed``
+        and the kaiming fills' for ``seed + 1`` (``reinit_``), at ``unload_index``; the last ones
+        made are kept (``prepare_keys`` makes them ahead: a hash per layer costs host time)."""
         if self._keys is None or self._keys[0] != (seed, unload_index):
-            tables = [_seed_tables([g for g in work.updates if g.mode == "stochastic"], seed, unload_index,
-                                   work.device) for work in self._devices]
+            tables = []
+            for work in self._devices:
+                stochastic = [g for g in work.updates if g.mode == "stochastic"]
+                chunks = [(seed, g.names) for g in stochastic] + [(seed + 1, f.names) for f in work.fills]
+                made = _seed_tables(chunks, unload_index, work.device)
+                tables.append((made[:len(stochastic)], made[len(stochastic):]))
             self._keys = ((seed, unload_index), tables)
         return self._keys[1]
 
@@ -308,8 +355,8 @@ class UnloadPlan:
         if any(work.fills for work in self._devices):
             from plora import kernels
 
-            for work in self._devices:
-                for fill, keys in zip(work.fills, _seed_tables(work.fills, seed + 1, unload_index, work.device)):
+            for work, (_, fill_tables) in zip(self._devices, self._seed_keys(seed, unload_index)):
+                for fill, keys in zip(work.fills, fill_tables):
                     kernels.kaiming_fill_(fill.ptrs, keys, fill.numel, fill.bound, fill.dtype)
             for groups in self._b_filled.values():
                 for tensors, _ in groups:
@@ -347,14 +394,15 @@ def _fill_groups(device: torch.device, groups: list) -> list[_FillGroup]:
     ]
 
 
-def _seed_tables(groups: list, seed: int, unload_index: int, device: torch.device) -> list[torch.Tensor]:
-    """Per group, its layers' ``reinit_seed`` as an int64 device tensor: one host-to-device copy in all."""
-    if not groups:
+def _seed_tables(chunks: list[tuple[int, list[str]]], unload_index: int, device: torch.device) -> list[torch.Tensor]:
+    """Per (seed, names) chunk, its layers' ``reinit_seed(seed, name, unload_index)`` as an int64
+    device tensor: one host-to-device copy in all."""
+    if not chunks:
         return []
-    seeds = [reinit_seed(seed, name, unload_index) for group in groups for name in group.names]
+    seeds = [reinit_seed(seed, name, unload_index) for seed, names in chunks for name in names]
     table = torch.tensor(seeds, dtype=torch.int64, pin_memory=device.type == "cuda")
     table = table.to(device, non_blocking=True)
-    return list(table.split([len(group.names) for group in groups]))
+    return list(table.split([len(names) for _, names in chunks]))
 
 
 def _by_device_and_dtype(items) -> dict:

@@ -2,6 +2,7 @@
 performance report is measured with, so a broken one must show here, not on the GPU machine."""
 
 import argparse
+import inspect
 import json
 
 import pytest
@@ -30,8 +31,6 @@ def test_bench_unload_refuses_a_malformed_tile():
 
 
 def test_bench_unload_probes_are_named_options_of_the_kernel():
-    import inspect
-
     from plora.kernels import grouped_update_
 
     bench = load("bench_unload")
@@ -49,6 +48,20 @@ def test_bench_unload_refuses_a_malformed_program_count():
     for bad in ("8k", "0", "-4"):
         with pytest.raises(argparse.ArgumentTypeError, match="positive integers"):
             bench.counts_argument(bad)
+
+
+def test_bench_unload_reads_norm_variants_and_refuses_malformed_ones():
+    from plora.kernels import update_norms_
+
+    bench = load("bench_unload")
+    got = bench.norm_variants_argument("8192:64:2:tf32x3:1, 2048:16:4:ieee:3")
+    assert got == [{"programs": 8192, "chunk": 64, "warps": 2, "precision": "tf32x3", "stages": 1},
+                   {"programs": 2048, "chunk": 16, "warps": 4, "precision": "ieee", "stages": 3}]
+    assert set(got[0]) <= set(inspect.signature(update_norms_).parameters)  # a typo would only fail on a GPU
+    for bad in ("8192:64:2:ieee", "8192:48:2:ieee:1", "8192:64:3:ieee:1", "8192:64:2:tf32:1", "x:64:2:ieee:1",
+                "0:16:4:ieee:1", "8192:64:2:ieee:0", "8192:64:2:ieee:1:1"):
+        with pytest.raises(argparse.ArgumentTypeError, match="PROGRAMS:CHUNK:WARPS:PRECISION:STAGES"):
+            bench.norm_variants_argument(bad)
 
 
 def test_bench_train_step_small_on_cpu(tmp_path):
@@ -73,6 +86,21 @@ def test_profile_unload_small_on_cpu(tmp_path, capsys):
         assert {"refresh", "finiteness check", "grouped updates", "re-init"} <= set(row["phases_host_us"])
         assert 0 < sum(row["phases_host_us"].values()) <= row["wall_us"] and row["kernels"] == 0
     assert "| wall | GPU busy |" in capsys.readouterr().out
+
+
+def test_profile_unload_host_only_times_each_phase(tmp_path, capsys):
+    prof = load("profile_unload")
+    out = tmp_path / "host.json"
+    assert prof.main(["--device", "cpu", "--models", "tiny", "--modes", "stochastic", "--warmup", "1", "--reps", "3",
+                      "--host-only", "--json", str(out)]) == 0
+    (result,) = json.loads(out.read_text())
+    assert result["layers"] == 14 and len(result["host_only"]) == 3
+    for row in result["host_only"]:
+        assert {"norms launched ahead", "refresh", "finiteness check", "grouped updates", "re-init"} <= set(
+            row["phases_host_us"])
+        assert 0 < sum(row["phases_host_us"].values()) <= row["wall_us"]
+    printed = capsys.readouterr().out
+    assert "host time by phase, no profiler" in printed and "| wall | host: norms launched ahead | host: refresh |" in printed
 
 
 def test_profile_unload_analyses_a_trace():

@@ -101,20 +101,26 @@ def test_statistics_pass_writes_nothing_but_its_sums(mode):
 
 @pytest.mark.parametrize("kpad", [16, 64], ids=["rank<=16", "rank<=64"])
 def test_norm_kernels_compile_with_relaxed_atomics(kpad):
-    """The update's norm: the Gram kernel accumulates with relaxed atomics; the product kernel stores."""
-    sig = {"PTRS": "*i64", "GRAMS": "*fp32", "M": "i32", "N": "i32", "K": "i32", "stride_lm": "i32",
-           "stride_lk": "i32", "stride_rk": "i32", "stride_rn": "i32", "FACTOR_DTYPE": "constexpr",
-           "BLOCK_K": "constexpr", "CHUNK": "constexpr", "KPAD": "constexpr"}
+    """The update's norm, as update_norms_ launches it: the Gram kernel runs its products on the
+    tensor cores without spilling and accumulates with relaxed atomics; the product kernel stores."""
+    import inspect
+
+    defaults = {n: p.default for n, p in inspect.signature(K.update_norms_).parameters.items()}
+    sig = {"TABLE": "*i64", "GRAMS": "*fp32", "FACTOR_DTYPE": "constexpr", "BLOCK_K": "constexpr",
+           "CHUNK": "constexpr", "KPAD": "constexpr", "PRECISION": "constexpr"}
     if "nvidia" not in _backends():
         pytest.skip("this triton build has no CUDA backend")
-    k = KR.compile_sm90(K.factor_grams, sig, {"FACTOR_DTYPE": tl.float32, "BLOCK_K": 16, "CHUNK": 16, "KPAD": kpad},
-                        ["PTRS", "GRAMS"])
-    assert KR.registers(k)[1] == 0  # no spill: the fp32 products of 16 x 16 blocks stay in registers
+    k = KR.compile_sm90(K.factor_grams, sig, {"FACTOR_DTYPE": tl.float32, "BLOCK_K": 16, "CHUNK": defaults["chunk"],
+                                              "KPAD": kpad, "PRECISION": defaults["precision"]},
+                        ["TABLE", "GRAMS"], num_warps=defaults["warps"], num_stages=defaults["stages"])
+    assert KR.registers(k)[1] == 0  # no spill
     ptx = k.asm["ptx"]
+    assert "mma.sync" in ptx  # tf32x3: on the tensor cores
     atomics = re.findall(r"(?<![\w.])(?:atom|red)\.global[.\w]*", ptx)
     assert atomics and all(".relaxed." in a for a in atomics), atomics
-    sig = {"GRAMS": "*fp32", "ALPHAS": "*fp32", "STATS": "*fp32", "KPAD": "constexpr", "BLOCK": "constexpr"}
-    ptx = _ptx(K.gram_norms, sig, {"KPAD": kpad, "BLOCK": 1024}, ["GRAMS", "ALPHAS", "STATS"])
+    sig = {"GRAMS": "*fp32", "TABLE": "*i64", "ALPHAS": "*fp32", "STATS": "*fp32", "KPAD": "constexpr",
+           "BLOCK": "constexpr"}
+    ptx = _ptx(K.gram_norms, sig, {"KPAD": kpad, "BLOCK": 1024}, ["GRAMS", "TABLE", "ALPHAS", "STATS"])
     assert any(op.startswith("st.global") for op in _memory_ops(ptx))
 
 

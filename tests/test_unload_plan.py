@@ -300,21 +300,30 @@ def check_misaligned_weight_takes_the_torch_path(device):
 
 
 def check_cached_plan_gives_the_throwaway_plans_result(device):
-    """A plan kept over several unloads (its pointer tables and the stochastic seed tables it makes
-    ahead for the next unload index reused) gives what a fresh plan gives, also when the index jumps."""
+    """A plan kept over several unloads (its pointer tables, the update norms it launches ahead of
+    its refresh, and the seed tables it makes ahead for the next unload index reused) gives what a
+    fresh plan gives, statistics included, also when the index jumps, the momentum changes or a
+    factor gets new storage (the norms launched ahead must then not be those of the old one)."""
     for precision in ("auto", "stochastic"):
-        results = []
+        results, norms = [], []
         for cached in (True, False):
             model = toy_peft(torch.bfloat16).to(device)
             plan = UnloadPlan(adapted_layers(model)) if cached else None
-            residuals = {}
-            for i, index in enumerate((0, 1, 3, 4)):
+            residuals, got = {}, []
+            for i, index in enumerate((0, 1, 3, 4, 5)):
                 randomise_adapters_(model, seed=i)
-                plora.unload_(model, 1.0 if i % 2 else 0.5, unload_index=index, residuals=residuals, plan=plan,
-                              merge_precision=precision, seed=7 if i < 3 else 8)
+                if i == 3:
+                    B = next(layer for layer in adapted_layers(model) if layer.kind == "linear").b_tensors()[0]
+                    B.data = B.data.clone() * 3  # new storage, other values: what a load may do
+                stats = plora.unload_(model, 1.0 if i % 2 else 0.5, unload_index=index, residuals=residuals,
+                                      plan=plan, merge_precision=precision, seed=7 if i < 3 else 8)
+                got.append((stats.update_norm, stats.landed_share))
             results.append([t.clone() for t in model.state_dict().values()] + list(residuals.values()))
+            norms.append(got)
         assert len(results[0]) == len(results[1])
         assert all(torch.equal(a, b) for a, b in zip(*results)), precision
+        for (n1, s1), (n2, s2) in zip(*norms):  # fp32 atomics: the order of the sums may differ on a GPU
+            assert n1 == pytest.approx(n2, rel=1e-6) and s1 == pytest.approx(s2, rel=1e-5), (precision, norms)
 
 
 CHECKS = [
