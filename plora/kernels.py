@@ -70,8 +70,6 @@ from dataclasses import dataclass
 
 import torch
 
-from plora.launch import launch
-
 MODES = ("direct", "compensated", "stochastic")
 _MODE_ID = {mode: i for i, mode in enumerate(MODES)}
 
@@ -555,8 +553,7 @@ def grouped_update_(
         # The statistics of the sampled row tiles first, from W as it is (the same tile code, no
         # stores), then the update without statistics: their reductions and atomics in every
         # program took the kernel from 80% of copy bandwidth to 54% on an H200 (bench_unload).
-        launch(unload_tile_grouped, (_cdiv(tiles_m, step), tiles_n, G), *args, step, HAS_STATS=True, STORE=False,
-               **options)
+        unload_tile_grouped[(_cdiv(tiles_m, step), tiles_n, G)](*args, step, HAS_STATS=True, STORE=False, **options)
     triton_only = tile is not None or max_registers is not None or any(
         v is not None for v in (cols_first, streaming, load_first))
     stats_in_update = has_stats and not sampled
@@ -576,7 +573,7 @@ def grouped_update_(
         update_options = dict(options, COLS_FIRST=layout["cols_first"], STREAM=layout["streaming"],
                               LOAD_FIRST=layout["load_first"])
         grid = (tiles_n, tiles_m, G) if layout["cols_first"] else (tiles_m, tiles_n, G)
-        launch(unload_tile_grouped, grid, *args, 1, HAS_STATS=stats_in_update, STORE=True, **update_options)
+        unload_tile_grouped[grid](*args, 1, HAS_STATS=stats_in_update, STORE=True, **update_options)
 
 
 NORM_TABLE_ROWS = 10  # L, R (data pointers), M, N, K, L's two strides, R's two strides, stats row
@@ -640,9 +637,10 @@ def update_norms_(norms: NormTable, stats: torch.Tensor, *, slices: int | None =
     block = 16
     slices = slices or max(1, min(_cdiv(norms.longest, chunk), _cdiv(programs, G)))
     grams = torch.zeros(G, 2, norms.kpad, norms.kpad, dtype=torch.float32, device=stats.device)
-    launch(factor_grams, (G, slices), norms.table, grams, FACTOR_DTYPE=_TL_DTYPE[norms.factor_dtype], BLOCK_K=block,
-           CHUNK=chunk, KPAD=norms.kpad, PRECISION=precision, num_warps=warps, num_stages=stages)
-    launch(gram_norms, (G,), grams, norms.table, norms.alphas, stats, KPAD=norms.kpad, BLOCK=1024, num_warps=4)
+    factor_grams[(G, slices)](norms.table, grams, FACTOR_DTYPE=_TL_DTYPE[norms.factor_dtype], BLOCK_K=block,
+                              CHUNK=chunk, KPAD=norms.kpad, PRECISION=precision, num_warps=warps,
+                              num_stages=stages)
+    gram_norms[(G,)](grams, norms.table, norms.alphas, stats, KPAD=norms.kpad, BLOCK=1024, num_warps=4)
 
 
 def kaiming_fill_(ptrs: torch.Tensor, keys: torch.Tensor, numel: int, bound: float, dtype: torch.dtype) -> None:
@@ -653,8 +651,9 @@ def kaiming_fill_(ptrs: torch.Tensor, keys: torch.Tensor, numel: int, bound: flo
     gives the same values on every device and at every tiling.
     """
     block = 1024
-    launch(kaiming_fill, (_cdiv(numel, block), ptrs.shape[0]),
-           ptrs, keys, numel, float(bound), DTYPE=_TL_DTYPE[dtype], BLOCK=block, num_warps=4)
+    kaiming_fill[(_cdiv(numel, block), ptrs.shape[0])](
+        ptrs, keys, numel, float(bound), DTYPE=_TL_DTYPE[dtype], BLOCK=block, num_warps=4,
+    )
 
 
 def _cdiv(a: int, b: int) -> int:

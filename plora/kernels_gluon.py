@@ -34,7 +34,6 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
 from plora import kernels as _kernels  # (plora.kernels imports this module after its own helpers)
-from plora.launch import launch
 
 if _kernels.triton is None:  # PLORA_DISABLE_TRITON, or a broken triton: no helpers to build on
     raise ImportError("plora.kernels_gluon needs plora.kernels' triton helpers, which are not available")
@@ -252,6 +251,7 @@ def update_(ptrs, alphas, keys, shape, factor_strides, tl_factor_dtype, mode_id:
     G = ptrs.shape[1]
     tiles_m, tiles_n = -(-M // BLOCK_M), -(-N // BLOCK_N)
     rows = row_tiles or row_tiles_for(tiles_m, tiles_n, G, ptrs.device)
-    launch(update_pipelined, (tiles_n, G, -(-tiles_m // rows)),
-           ptrs, alphas, keys if keys is not None else ptrs, G, M, N, K, *factor_strides, rows,
-           **constants(mode_id, has_res, tl_factor_dtype, block_k, stages), num_warps=WARPS)
+    update_pipelined[(tiles_n, G, -(-tiles_m // rows))](
+        ptrs, alphas, keys if keys is not None else ptrs, G, M, N, K, *factor_strides, rows,
+        **constants(mode_id, has_res, tl_factor_dtype, block_k, stages), num_warps=WARPS,
+    )
