@@ -8,13 +8,15 @@ An ``UnloadPlan`` sorts the layers once:
   factors fp32, bf16 or fp16 alike) go into groups sharing device, weight shape, rank, factor dtype
   and strides, merge precision and residual-or-not. A group keeps small device tables (data
   pointers of W, residual, L, R; alpha = momentum * scaling; a stats slot per layer) and is updated
-  by one launch of ``plora.kernels.grouped_update_``;
+  by one launch of ``plora.kernels.grouped_update_``. The exact update norms of all fused layers of
+  a device (its finiteness check) come from one launch pair per factor dtype
+  (``plora.kernels.update_norms_`` over a ``NormTable``), launched by ``norms_ahead_`` while the
+  host still checks the rest of the plan;
 - every other layer (CPU, fp32 or fp16 weights, conv) keeps the per-layer torch path of
   ``plora.unload``.
 
-``refresh`` checks at every unload, in a fraction of a microsecond per layer, a tuple of the data
-pointers of every weight, factor and residual and the scalings against the one the plan was built
-from, and rebuilds the plan if anything changed (``model.to()``, a load that replaced tensors, a
+``refresh`` checks at every unload, in a fraction of a microsecond per layer, the data pointers of
+every weight, factor and residual and the scalings against those the plan was built from, and rebuilds the plan if anything changed (``model.to()``, a load that replaced tensors, a
 new residual buffer, another momentum or merge precision).
 
 Re-initialisation (momentum 1) on the fused path: the A factors of kaiming-initialised linear
