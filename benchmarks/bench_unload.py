@@ -21,6 +21,8 @@ after a warm-up, in one run on one device:
   and ``norms only``: the exact ``update_norm`` (``UnloadPlan.update_norms_``) alone, also with
   other options (``--norm-variants``). ``bench_update_kernels.py`` compares the update
   kernels themselves.
+- ``plora <mode>, no CUDA graphs``: the same unload with its launch sequences launched one by one
+  instead of replayed as CUDA graphs (``plora.cuda_graphs``; GPU only).
 - ``plora <mode>, torch path``: the unload with the Triton kernels switched off (GPU only).
 - ``naive merge``: what axolotl's ReLoRA does per layer, ``W += B @ A * scaling`` then A
   re-initialised (kaiming) and B zeroed.
@@ -352,7 +354,14 @@ def bench_model(shape, device, args, clock, copy_bps):
             row(f"plora {mode}, landed_sample_rows={args.landed_rows}", mode, s, growth, reference=naive_s)
         if fused:
             import plora.kernels as kernels
+            from plora import cuda_graphs
 
+            enabled, cuda_graphs.ENABLED = cuda_graphs.ENABLED, False  # every launch one by one
+            try:
+                s, _, growth = clock.measure(unload, prepare, args.reps, args.warmup)
+            finally:
+                cuda_graphs.ENABLED = enabled
+            row(f"plora {mode}, no CUDA graphs", mode, s, growth, reference=naive_s, probe=True)
             real = kernels.fused_available
             kernels.fused_available = lambda t, **kw: False  # the unload's torch fallback path
             torch_plan = UnloadPlan(layers)  # built in the warm-up, while the kernels are off

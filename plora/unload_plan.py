@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
+from plora.cuda_graphs import GraphCache
 from plora.layers import AdaptedLayer, reinit_generator, reinit_seed
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -117,6 +118,7 @@ class _DeviceWork:
     updates: list[_UpdateGroup]
     fills: list[_FillGroup]
     norms: list  # kernels.NormTable per factor dtype
+    keys: torch.Tensor  # int64: the stochastic groups' seeds, then the fills' (written by _seed_keys)
 
 
 class UnloadPlan:
@@ -142,6 +144,7 @@ class UnloadPlan:
         self._devices: list[_DeviceWork] = []  # built by refresh
         self._keys = None
         self._factor_ptrs = None  # read by norms_ahead_, for the refresh that follows it
+        self._graphs = GraphCache()  # the launch sequences of this plan's tables, as CUDA graphs
 
     # --- build and revalidate ---------------------------------------------------------------------
     def refresh(self, merge_precision: str, momentum: float, residuals: dict | None) -> bool:
@@ -181,6 +184,7 @@ class UnloadPlan:
 
     def _build(self, merge_precision: str, momentum: float, residuals: dict | None) -> None:
         self._keys = None  # the seed tables of _seed_keys, made for the groups built here
+        self._graphs.clear()  # captured with the old tables
         self.modes: dict[str, int] = {}
         self.torch_work: list[tuple[AdaptedLayer, str, torch.Tensor | None]] = []
         self.bias_layers = [layer for layer in self.layers if layer.lora_bias is not None]
@@ -251,7 +255,10 @@ class UnloadPlan:
                     stats=stats[start:start + len(members)]))
                 start += len(members)
             norms = [kernels.norm_table(*tables) for tables in by_dtype.values()]
-            out.append(_DeviceWork(device, stats, updates, _fill_groups(device, groups), norms))
+            fills = _fill_groups(device, groups)
+            n_keys = sum(len(g.names) for g in updates if g.mode == "stochastic") + sum(len(f.names) for f in fills)
+            keys = torch.zeros(n_keys, dtype=torch.int64, device=device)
+            out.append(_DeviceWork(device, stats, updates, fills, norms, keys))
         return out
 
     # --- what an unload runs ------------------------------------------------------------------------
@@ -295,9 +302,15 @@ class UnloadPlan:
             return
         from plora import kernels
 
-        for work in self._devices:
-            for norms in work.norms:
-                kernels.update_norms_(norms, work.stats, **launch)
+        def launch_all():
+            for work in self._devices:
+                for norms in work.norms:
+                    kernels.update_norms_(norms, work.stats, **launch)
+
+        if launch:  # the benchmark's options: never captured
+            launch_all()
+        else:
+            self._graphs.run("norms", launch_all, self._graph_device())
 
     def update_fused_(self, seed: int, unload_index: int, sample_rows: int = 0, *, norms: bool = True,
                       **launch) -> list[torch.Tensor]:
@@ -319,15 +332,22 @@ class UnloadPlan:
 
         if norms and launch.get("has_stats", True):
             self.update_norms_()
-        out = []
-        for work, (work_tables, _) in zip(self._devices, self._seed_keys(seed, unload_index)):
-            tables = iter(work_tables)  # one per stochastic group, in group order
-            for g in work.updates:
-                keys = next(tables) if g.mode == "stochastic" else None
-                kernels.grouped_update_(g.ptrs, g.alphas, keys, g.stats, g.shape, g.strides, g.factor_dtype, g.mode,
-                                        g.has_res, sample_rows=sample_rows, **launch)
-            out.append(work.stats.sum(0, dtype=torch.float64))
-        return out
+        seed_tables = self._seed_keys(seed, unload_index)  # before any capture: new values, fixed addresses
+
+        def launch_all():
+            out = []
+            for work, (work_tables, _) in zip(self._devices, seed_tables):
+                tables = iter(work_tables)  # one per stochastic group, in group order
+                for g in work.updates:
+                    keys = next(tables) if g.mode == "stochastic" else None
+                    kernels.grouped_update_(g.ptrs, g.alphas, keys, g.stats, g.shape, g.strides, g.factor_dtype,
+                                            g.mode, g.has_res, sample_rows=sample_rows, **launch)
+                out.append(work.stats.sum(0, dtype=torch.float64))
+            return out
+
+        if launch:
+            return launch_all()
+        return self._graphs.run(("updates", sample_rows), launch_all, self._graph_device())
 
     def prepare_keys(self, seed: int, unload_index: int) -> None:
         """Make the seed tables of an unload with (seed, unload_index) now, stochastic rounding's and
@@ -343,10 +363,15 @@ class UnloadPlan:
             for work in self._devices:
                 stochastic = [g for g in work.updates if g.mode == "stochastic"]
                 chunks = [(seed, g.names) for g in stochastic] + [(seed + 1, f.names) for f in work.fills]
-                made = _seed_tables(chunks, unload_index, work.device)
+                made = _seed_tables(chunks, unload_index, work.keys)
                 tables.append((made[:len(stochastic)], made[len(stochastic):]))
             self._keys = ((seed, unload_index), tables)
         return self._keys[1]
+
+    def _graph_device(self) -> torch.device | None:
+        """The device the plan's fused launches may be captured on as CUDA graphs: its one device
+        (None with several, where they stay eager)."""
+        return self._devices[0].device if len(self._devices) == 1 else None
 
     def reinit_(self, seed: int, unload_index: int) -> None:
         """Re-initialise every adapter as PEFT does (A random, B zero).
@@ -357,12 +382,17 @@ class UnloadPlan:
         if any(work.fills for work in self._devices):
             from plora import kernels
 
-            for work, (_, fill_tables) in zip(self._devices, self._seed_keys(seed, unload_index)):
-                for fill, keys in zip(work.fills, fill_tables):
-                    kernels.kaiming_fill_(fill.ptrs, keys, fill.numel, fill.bound, fill.dtype)
-            for groups in self._b_filled.values():
-                for tensors, _ in groups:
-                    torch._foreach_zero_(tensors)
+            seed_tables = self._seed_keys(seed, unload_index)  # before any capture, as in update_fused_
+
+            def launch_all():
+                for work, (_, fill_tables) in zip(self._devices, seed_tables):
+                    for fill, keys in zip(work.fills, fill_tables):
+                        kernels.kaiming_fill_(fill.ptrs, keys, fill.numel, fill.bound, fill.dtype)
+                for groups in self._b_filled.values():
+                    for tensors, _ in groups:
+                        torch._foreach_zero_(tensors)
+
+            self._graphs.run("reinit", launch_all, self._graph_device())
         for layer in self.torch_reinit:
             layer.reinit_(reinit_generator(seed + 1, layer.name, unload_index, layer.adapter_tensors()[0].device))
 
@@ -396,15 +426,16 @@ def _fill_groups(device: torch.device, groups: list) -> list[_FillGroup]:
     ]
 
 
-def _seed_tables(chunks: list[tuple[int, list[str]]], unload_index: int, device: torch.device) -> list[torch.Tensor]:
-    """Per (seed, names) chunk, its layers' ``reinit_seed(seed, name, unload_index)`` as an int64
-    device tensor: one host-to-device copy in all."""
+def _seed_tables(chunks: list[tuple[int, list[str]]], unload_index: int, out: torch.Tensor) -> list[torch.Tensor]:
+    """Per (seed, names) chunk, its layers' ``reinit_seed(seed, name, unload_index)``, written into
+    ``out`` (int64, on the device; one host-to-device copy in all) and returned as views of it: the
+    same addresses at every unload, which a captured CUDA graph reads."""
     if not chunks:
         return []
     seeds = [reinit_seed(seed, name, unload_index) for seed, names in chunks for name in names]
-    table = torch.tensor(seeds, dtype=torch.int64, pin_memory=device.type == "cuda")
-    table = table.to(device, non_blocking=True)
-    return list(table.split([len(names) for _, names in chunks]))
+    table = torch.tensor(seeds, dtype=torch.int64, pin_memory=out.device.type == "cuda")
+    out.copy_(table, non_blocking=True)  # stream-ordered behind the launches that read the last ones
+    return list(out.split([len(names) for _, names in chunks]))
 
 
 def _by_device_and_dtype(items) -> dict:
