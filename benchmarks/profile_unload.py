@@ -127,6 +127,15 @@ def _by_name(kernels) -> dict[str, float]:
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
+def _trained_adapter(model, device: str) -> None:
+    """B drawn anew before each unload, as ``bench_unload`` does (an unload leaves it zero), the
+    device then idle: each unload merges a trained-looking adapter. (Runs before this was added,
+    up to commit ``a0694fd``, unloaded B = 0 after the first unload.)"""
+    bench_unload.randomise_b(model)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def profile_model(shape: str, device: str, mode: str, warmup: int, reps: int, trace_path: str | None) -> dict:
     model = bench_unload.build(shape, device)
     layers = adapted_layers(model)
@@ -134,6 +143,7 @@ def profile_model(shape: str, device: str, mode: str, warmup: int, reps: int, tr
     residuals = {} if mode == "compensated" else None
 
     def one(i):
+        _trained_adapter(model, device)
         with torch.profiler.record_function("plora: unload"):
             unload_(model, merge_precision=mode, residuals=residuals, layers=layers, plan=plan, unload_index=i)
 
@@ -166,9 +176,11 @@ def host_times(shape: str, device: str, mode: str, warmup: int, reps: int) -> di
     plan = UnloadPlan(layers)
     residuals = {} if mode == "compensated" else None
     for i in range(warmup):
+        _trained_adapter(model, device)
         unload_(model, merge_precision=mode, residuals=residuals, layers=layers, plan=plan, unload_index=i)
     rows = []
     for i in range(reps):
+        _trained_adapter(model, device)
         phases: dict = {}
         with wrapped_phases(plan, lambda label: _stopwatch(label, phases)):
             start = time.perf_counter()
