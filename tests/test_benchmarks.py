@@ -6,6 +6,7 @@ import inspect
 import json
 
 import pytest
+import torch
 from benchmark_scripts import load
 
 
@@ -162,3 +163,9 @@ def test_bench_update_kernels_groups_every_linear_layer_of_a_shape():
                                             (hidden, intermediate)}
     sub = groups[0].first(1)
     assert sub.count == 1 and sub.ptrs.shape == (4, 1) and groups[0].count == 2 * layers
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU refusal only")
+def test_launch_costs_refuses_without_a_gpu(capsys):
+    assert load("launch_costs").main() == 1
+    assert "needs a CUDA device" in capsys.readouterr().err
