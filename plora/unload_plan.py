@@ -19,6 +19,11 @@ An ``UnloadPlan`` sorts the layers once:
 every weight, factor and residual and the scalings against those the plan was built from, and rebuilds the plan if anything changed (``model.to()``, a load that replaced tensors, a
 new residual buffer, another momentum or merge precision).
 
+On one CUDA device the plan's three launch sequences (the norms, the grouped updates with their
+statistics, the fused re-init) are replayed as CUDA graphs from their third run on
+(``plora.cuda_graphs``): their tables stay where they are until a rebuild, which drops the graphs,
+and the per-unload seeds are written into one persistent device buffer per device.
+
 Re-initialisation (momentum 1) on the fused path: the A factors of kaiming-initialised linear
 layers are drawn by ``plora.kernels.kaiming_fill_``, one launch per A shape, from a hash of
 (``reinit_seed(seed + 1, layer, unload_index)``, element index): uniform in +-1/sqrt(fan_in), the
