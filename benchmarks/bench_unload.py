@@ -61,7 +61,7 @@ from plora.layers import adapted_layers  # noqa: E402
 from plora.optim import reset_adapter_state  # noqa: E402
 from plora.unload import UnloadPlan, _enqueue_unload  # noqa: E402
 from plora.unload_plan import fused_ok  # noqa: E402
-from kernel_resources import tiles_argument  # noqa: E402
+from kernel_resources import norm_variants_argument, tiles_argument  # noqa: E402
 
 MODES = ("direct", "compensated", "stochastic")
 BYTES_PER_ELEMENT = {"direct": 4, "compensated": 8, "stochastic": 4}
@@ -108,28 +108,6 @@ def counts_argument(text: str) -> list[int]:
     if any(c < 1 for c in counts):
         raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
     return counts
-
-
-def norm_variants_argument(text: str) -> list[dict]:
-    """``--norm-variants``: comma-separated PROGRAMS:CHUNK:WARPS:PRECISION:STAGES, options of
-    ``kernels.update_norms_`` (PRECISION: ieee or tf32x3)."""
-    out = []
-    for item in (x.strip() for x in text.split(",")):
-        if not item:
-            continue
-        parts = item.split(":")
-        try:
-            programs, chunk, warps, stages = (int(x) for x in parts[:3] + parts[4:])
-            ok = (len(parts) == 5 and programs >= 1 and chunk >= 16 and chunk & (chunk - 1) == 0
-                  and warps in (1, 2, 4, 8) and 1 <= stages <= 6)
-        except ValueError:
-            ok = False
-        if not ok or parts[3] not in ("ieee", "tf32x3"):
-            raise argparse.ArgumentTypeError(
-                f"norm variant {item!r}: PROGRAMS:CHUNK:WARPS:PRECISION:STAGES, e.g. 8192:64:4:ieee:1 (CHUNK a "
-                "power of two >= 16, WARPS 1, 2, 4 or 8, PRECISION ieee or tf32x3, STAGES 1-6)")
-        out.append({"programs": programs, "chunk": chunk, "warps": warps, "precision": parts[3], "stages": stages})
-    return out
 
 
 # name: (hidden, intermediate, layers, kv width): q/o hidden x hidden, k/v kv x hidden,

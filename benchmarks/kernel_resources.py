@@ -133,6 +133,55 @@ def tiles_argument(text: str) -> list[tuple[int, int, int]]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def norm_variants_argument(text: str) -> list[dict]:
+    """``--norm-variants``: comma-separated PROGRAMS:CHUNK:WARPS:PRECISION:STAGES, options of
+    ``kernels.update_norms_`` (PRECISION: ieee or tf32x3)."""
+    out = []
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        parts = item.split(":")
+        try:
+            programs, chunk, warps, stages = (int(x) for x in parts[:3] + parts[4:])
+            ok = (len(parts) == 5 and programs >= 1 and chunk >= 16 and chunk & (chunk - 1) == 0
+                  and warps in (1, 2, 4, 8) and 1 <= stages <= 6)
+        except ValueError:
+            ok = False
+        if not ok or parts[3] not in ("ieee", "tf32x3"):
+            raise argparse.ArgumentTypeError(
+                f"norm variant {item!r}: PROGRAMS:CHUNK:WARPS:PRECISION:STAGES, e.g. 8192:64:4:ieee:1 (CHUNK a "
+                "power of two >= 16, WARPS 1, 2, 4 or 8, PRECISION ieee or tf32x3, STAGES 1-6)")
+        out.append({"programs": programs, "chunk": chunk, "warps": warps, "precision": parts[3], "stages": stages})
+    return out
+
+
+NORM_SIGNATURE = {"TABLE": "*i64", "GRAMS": "*fp32"}
+
+
+def norm_rows(variants: list[dict]) -> list[str]:
+    """Table rows of the norm kernel (``factor_grams``, fp32 factors, ranks up to 16) compiled with
+    each variant's chunk, warps, precision and stages: plora's default (``update_norms_``) first."""
+    import triton.language as tl
+
+    from plora import kernels
+
+    defaults = {n: p.default for n, p in inspect.signature(kernels.update_norms_).parameters.items()}
+    default = {k: defaults[k] for k in ("programs", "chunk", "warps", "precision", "stages")}
+    rows = []
+    for i, v in enumerate([default] + [v for v in variants if v != default]):
+        constants = {"FACTOR_DTYPE": tl.float32, "BLOCK_K": 16, "CHUNK": v["chunk"], "KPAD": 16,
+                     "PRECISION": v["precision"]}
+        k = compile_sm90(kernels.factor_grams, NORM_SIGNATURE, constants, ["TABLE", "GRAMS"], v["warps"],
+                         num_stages=v["stages"])
+        (regs, stack), shared = registers(k), k.metadata.shared
+        occ = occupancy(regs, shared, v["warps"])
+        label = "factor_grams (plora's default)" if i == 0 else "factor_grams"
+        rows.append(f"| {label} | {v['chunk']} | {v['warps']} | {v['precision']} | {v['stages']} | {regs} | "
+                    f"{stack} | {shared / 1024:.0f} | {occ['programs']} ({occ['by_registers']}, "
+                    f"{occ['by_shared']}) |")
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiles", type=tiles_argument, default=tiles_argument("32x128x4,64x128x4,32x256x4"),
@@ -140,6 +189,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max-registers", type=int, default=None, help="compile with maxnreg (ptxas may spill)")
     ap.add_argument("--load-first", action="store_true",
                     help="grouped kernel with W's tile loaded before the factors (its LOAD_FIRST option)")
+    ap.add_argument("--norm-variants", type=norm_variants_argument, default=[],
+                    help="also compile the norm kernel with these options, PROGRAMS:CHUNK:WARPS:PRECISION:STAGES,... "
+                         "(PROGRAMS is a launch choice: ignored here)")
     args = ap.parse_args(argv)
     if not args.tiles:
         ap.error("--tiles: name at least one tile (the single-layer rows use the first)")
@@ -180,14 +232,19 @@ def main(argv=None) -> int:
     try:
         from plora import kernels_gluon as kg
     except ImportError:
-        return 0
-    for mode, mode_id in MODES.items():  # plora's pipelined update pass (no statistics)
+        kg = None
+    for mode, mode_id in MODES.items() if kg is not None else ():  # plora's pipelined update pass (no statistics)
         k = compile_pipelined_sm90(mode_id)
         (regs, stack), shared = registers(k), k.metadata.shared
         occ = occupancy(regs, shared, kg.WARPS)
         print(f"| pipelined (Gluon) | {mode} | no | {kg.BLOCK_M}x{kg.BLOCK_N} | {kg.WARPS} | {regs} | {stack} | "
               f"{shared / 1024:.0f} | {occ['programs']} ({occ['by_registers']}, {occ['by_shared']}) | "
               f"{occ['warps']} | {k.asm['ptx'].count('bar.sync')} |")
+    print("\n| kernel | rows per step | warps | precision | stages | registers/thread | spill stack B | shared KiB | "
+          "programs/SM (by registers, by shared) |")
+    print("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | --- |")
+    for row in norm_rows(args.norm_variants):
+        print(row)
     return 0
 
 

@@ -174,3 +174,11 @@ def test_pipelined_update_streams_w_in_16_byte_pieces(mode, factor):
     assert "ld.shared.v4.b32" in ptx
     ops = _memory_ops(ptx)
     assert "st.global.v4.b32" in ops and "st.global.b16" not in ops, ops
+
+
+def test_kernel_resources_lists_the_norm_kernel_default_first():
+    if "nvidia" not in _backends():
+        pytest.skip("this triton build has no CUDA backend")
+    rows = KR.norm_rows([{"programs": 2048, "chunk": 16, "warps": 4, "precision": "ieee", "stages": 3}])
+    assert len(rows) == 2 and "plora's default" in rows[0] and "| 16 | 4 | ieee | 3 |" in rows[1]
+    assert all(row.split(" | ")[6] == "0" for row in rows)  # neither spills
