@@ -13,8 +13,8 @@ after a warm-up, in one run on one device:
   layers: the overhead the grouped launches are there to keep small.
 - ``update only <mode>``: just the weight updates of those unloads (``addmm_`` for direct, the
   grouped launches of the plan for all three modes, with their statistics on the same 64 sampled
-  rows per layer): what an unload cannot avoid. Probes of where the grouped kernels' time goes
-  (GPU only): the same launches with one launch option changed (``--probes``: by default the
+  rows per layer, launched one by one like their probes): what an unload cannot avoid. Probes of
+  where the grouped kernels' time goes (GPU only): the same launches with one launch option changed (``--probes``: by default the
   statistics summed over every row, as ``landed_sample_rows=0``; no statistics; the triton
   ``update_tile`` instead of the pipelined Gluon kernel; others: the triton kernel's register cap
   and layout options, see ``PROBES``) and with other tilings of the triton kernel (``--tiles``);
@@ -97,17 +97,6 @@ def probes_argument(text: str) -> list[str]:
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown probe(s) {', '.join(unknown)}; choose from {', '.join(PROBES)}")
     return names
-
-
-def counts_argument(text: str) -> list[int]:
-    """Comma-separated positive integers (``bench_update_kernels``' lists)."""
-    try:
-        counts = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        counts = [0]
-    if any(c < 1 for c in counts):
-        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
-    return counts
 
 
 # name: (hidden, intermediate, layers, kv width): q/o hidden x hidden, k/v kv x hidden,
@@ -229,13 +218,28 @@ def naive_merge(model):
             nn.init.zeros_(m.lora_B[a].weight)
 
 
+def launched_one_by_one(fn):
+    """``fn`` with the plan's CUDA graphs off: the ``update only`` and ``norms only`` rows and their
+    probes (which take launch options, never captured) all launch their kernels one by one."""
+    def run():
+        from plora import cuda_graphs
+
+        enabled, cuda_graphs.ENABLED = cuda_graphs.ENABLED, False
+        try:
+            return fn()
+        finally:
+            cuda_graphs.ENABLED = enabled
+
+    return run
+
+
 def update_only(layers, mode, plan, residuals, sample_rows=64, **launch):
     """The weight updates of one unload alone: addmm_ (direct, plan=None) or the plan's grouped kernels
     with their statistics on ``sample_rows`` rows per layer (``launch``: keyword options of
-    ``kernels.grouped_update_``)."""
+    ``kernels.grouped_update_``), launched one by one."""
     if plan is not None:
         plan.refresh(mode, 1.0, residuals)
-        return lambda: plan.update_fused_(1, 0, sample_rows, **launch)
+        return launched_one_by_one(lambda: plan.update_fused_(1, 0, sample_rows, **launch))
     work = [(layer.weight.data, *layer.factors(), layer.scaling) for layer in layers]
 
     def run():
@@ -250,7 +254,7 @@ def norms_only(plan, residuals, **launch):
     """The exact ``update_norm`` of one unload alone (``UnloadPlan.update_norms_``): the part of the
     statistics that sampling does not shrink, which the unload's finiteness check runs."""
     plan.refresh("direct", 1.0, residuals)
-    return lambda: plan.update_norms_(**launch)
+    return launched_one_by_one(lambda: plan.update_norms_(**launch))
 
 
 def optimizer_reset(layers, device, clock, args):

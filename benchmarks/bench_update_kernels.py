@@ -32,15 +32,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_unload import BYTES_PER_ELEMENT, MODES, RANK, SHAPES, Clock, copy_bandwidth, counts_argument  # noqa: E402
+from bench_unload import BYTES_PER_ELEMENT, MODES, RANK, SHAPES, Clock, copy_bandwidth  # noqa: E402
 
 MODE_ID = {mode: i for i, mode in enumerate(MODES)}  # the kernels' MODE constant
 
 
 def int_list(text: str) -> list[int]:
     """``--row-tiles`` / ``--stages``: comma-separated positive integers, at least one."""
-    values = counts_argument(text)
-    if not values:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = [0]
+    if not values or any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
     return values
 

@@ -4,8 +4,9 @@
 on the 7B shape; docs/results/performance.md) is what this script takes apart. It unloads the Llama-shaped linear layers of
 ``bench_unload`` a few times with a kept ``UnloadPlan`` (as ``PeriodicUnloader`` does), profiles the
 last unloads with each phase of ``plora.unload._enqueue_unload`` marked (the update norms
-launched ahead of the plan's refresh, the refresh, the finiteness check with its host sync, the grouped updates, the re-init, the next unload's
-seeds; the rest is the torch-path layers and the final statistics sync),
+launched ahead of the plan's refresh, the refresh, the finiteness check with its host sync, the
+grouped updates, the re-init, the next unload's seeds; the rest is the torch-path layers and the
+final statistics sync),
 and prints per phase its host time, then for the whole unload its wall time, the time the GPU was
 busy (the union of its kernels and copies) and how long the GPU waited before the first update kernel.
 ``--host-only`` times the same phases by ``time.perf_counter`` without the profiler, whose own
@@ -37,8 +38,9 @@ from plora.layers import adapted_layers  # noqa: E402
 from plora.unload import unload_  # noqa: E402
 from plora.unload_plan import UnloadPlan  # noqa: E402
 
-PHASES = {"norms_ahead_": "norms launched ahead", "refresh": "refresh", "nonfinite": "finiteness check", "update_fused_": "grouped updates",
-          "reinit_": "re-init", "scale_b_": "scale B", "prepare_keys": "next unload's seeds"}
+PHASES = {"norms_ahead_": "norms launched ahead", "refresh": "refresh", "nonfinite": "finiteness check",
+          "update_fused_": "grouped updates", "reinit_": "re-init", "scale_b_": "scale B",
+          "prepare_keys": "next unload's seeds"}
 GPU_WORK = ("kernel", "gpu_memcpy", "gpu_memset")  # what occupies the GPU in a chrome trace
 
 

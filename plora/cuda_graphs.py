@@ -1,8 +1,9 @@
 """Launch sequences replayed as CUDA graphs: an unload's host time per launch, paid once.
 
 An unload launches the same kernels on the same tables at every unload; only the tables' contents
-change. Launching them one by one costs the host 5-45 µs each on an H200's host (a gluon launch
-the most), which on small models is a large part of the unload. ``GraphCache.run(key, body)``
+change. Launching them one by one cost the host of an H200 machine 7-45 µs each (a gluon launch
+the most); the grouped updates of a 1B-shaped model took 395 µs of host time, replayed as one
+graph 7 µs (``benchmarks/launch_costs.py``, docs/results/performance.md). ``GraphCache.run(key, body)``
 runs ``body`` (a function that only launches GPU work: no host sync, no host-to-device copy of
 new data, the same tensors every time) eagerly the first time, which also compiles its kernels;
 captures it in a CUDA graph the second time; and from then on replays the graph. What ``body``

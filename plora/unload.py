@@ -219,10 +219,10 @@ def _enqueue_unload(model, momentum, *, adapter_name, merge_precision, seed, unl
     if plan is None:
         plan = UnloadPlan(adapted_layers(model, adapter_name) if layers is None else layers)
     # the norms (the finiteness check's and update_norm) run on the GPU while the host checks the plan
-    ahead = plan.norms_ahead_()
-    if plan.refresh(merge_precision, momentum, residuals) or not ahead:
+    factor_ptrs, ahead = plan.norms_ahead_()
+    if plan.refresh(merge_precision, momentum, residuals, factor_ptrs) or not ahead:
         plan.update_norms_()
-    bad = plan.nonfinite()
+    bad = plan.nonfinite(norms_current=True)
     if bad and on_nonfinite == "raise":
         raise FloatingPointError(
             f"refusing to unload: the adapter holds NaN/Inf in {len(bad)} layer(s), e.g. {bad[:3]}; "

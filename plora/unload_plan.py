@@ -16,8 +16,9 @@ An ``UnloadPlan`` sorts the layers once:
   ``plora.unload``.
 
 ``refresh`` checks at every unload, in a fraction of a microsecond per layer, the data pointers of
-every weight, factor and residual and the scalings against those the plan was built from, and rebuilds the plan if anything changed (``model.to()``, a load that replaced tensors, a
-new residual buffer, another momentum or merge precision).
+every weight, factor and residual and the scalings against those the plan was built from, and
+rebuilds the plan if anything changed (``model.to()``, a load that replaced tensors, a new
+residual buffer, another momentum or merge precision).
 
 On one CUDA device the plan's three launch sequences (the norms, the grouped updates with their
 statistics, the fused re-init) are replayed as CUDA graphs from their third run on
@@ -36,6 +37,7 @@ scales B (and lora_bias) of every layer by one ``torch._foreach_mul_`` per devic
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -115,15 +117,16 @@ class _FillGroup:
 
 @dataclass
 class _DeviceWork:
-    """The fused work of one device: its groups, the stats table they write into, and the tables of
-    the norms' launches (one per factor dtype, every fused layer of the device)."""
+    """The fused work of one device: its groups, the stats table they write into, the tables of the
+    norms' launches (one per factor dtype and padded rank, every fused layer of the device), and the
+    buffer its seeds are written into."""
 
     device: torch.device
     stats: torch.Tensor  # fp32 (layers, 3): [norm², landed·d, d·d] per layer
     updates: list[_UpdateGroup]
     fills: list[_FillGroup]
-    norms: list  # kernels.NormTable per factor dtype
-    keys: torch.Tensor  # int64: the stochastic groups' seeds, then the fills' (written by _seed_keys)
+    norms: list  # kernels.NormTable per factor dtype and padded rank
+    keys: torch.Tensor  # int64: the stochastic groups' seeds, then the fills' (written by _seed_tables)
 
 
 class UnloadPlan:
@@ -148,39 +151,39 @@ class UnloadPlan:
         self._key = None
         self._devices: list[_DeviceWork] = []  # built by refresh
         self._keys = None
-        self._factor_ptrs = None  # read by norms_ahead_, for the refresh that follows it
         self._graphs = GraphCache()  # the launch sequences of this plan's tables, as CUDA graphs
 
     # --- build and revalidate ---------------------------------------------------------------------
-    def refresh(self, merge_precision: str, momentum: float, residuals: dict | None) -> bool:
+    def refresh(self, merge_precision: str, momentum: float, residuals: dict | None,
+                factor_ptrs: list[int] | None = None) -> bool:
         """Rebuild the plan unless it was built for these arguments and these very tensors; True
         if it was rebuilt (its norms, if computed, are then stale: ``update_norms_`` again).
+        ``factor_ptrs``: the factor pointers ``norms_ahead_`` has just read (not read again).
 
         Missing compensated residual buffers are created (zero) on a rebuild, as the unload needs them.
         """
-        factor_ptrs, self._factor_ptrs = self._factor_ptrs, None
         if self._key == self._signature(merge_precision, momentum, residuals, factor_ptrs):
             return False
         self._build(merge_precision, float(momentum), residuals)
         self._key = self._signature(merge_precision, momentum, residuals)
         return True
 
-    def norms_ahead_(self) -> bool:
+    def norms_ahead_(self) -> tuple[list[int], bool]:
         """Launch ``update_norms_`` before the ``refresh`` that must follow, if the plan is built and
         its factor tensors are the ones it was built from (the norm kernels read nothing else, and
         write only the plan's own tables): the GPU then computes the norms while the host checks the
-        rest of the plan. True if launched; the norms stand unless that refresh rebuilds."""
-        self._factor_ptrs = self._factor_pointers()
-        if self._key is None or not self._devices or self._key[2] != self._factor_ptrs:
-            return False
+        rest of the plan. Returns the factor pointers it read (for that refresh) and whether it
+        launched; the norms stand unless that refresh rebuilds."""
+        factor_ptrs = self._factor_pointers()
+        if self._key is None or not self._devices or self._key[2] != factor_ptrs:
+            return factor_ptrs, False
         self.update_norms_()
-        return True
+        return factor_ptrs, True
 
     def _factor_pointers(self) -> list[int]:
         return [d[k].data_ptr() for d, k in self._factor_slots]
 
     def _signature(self, merge_precision, momentum, residuals, factor_ptrs=None) -> tuple:
-        # list comprehensions, not generators into tuples: this runs in front of every unload
         factors = factor_ptrs if factor_ptrs is not None else self._factor_pointers()
         others = [d[k].data_ptr() for d, k in self._other_slots]
         res = None if residuals is None else [
@@ -240,9 +243,11 @@ class UnloadPlan:
         for device, groups in per_device.items():
             stats = torch.zeros(sum(len(members) for _, members in groups), 3, dtype=torch.float32, device=device)
             updates, start = [], 0
-            by_dtype: dict[torch.dtype, tuple[list, list, list]] = {}  # the norms' (factors, alphas, rows)
+            # the norms' (factors, alphas, rows) per factor dtype and rank padded to the Gram blocks' 16:
+            # one launch pair each (a few large ranks do not pad every layer's Gram matrices)
+            by_dtype: dict[tuple, tuple[list, list, list]] = {}
             for (_, M, N, K, fdtype, strides, mode, has_res, _), members in groups:
-                norm_factors, norm_alphas, norm_rows = by_dtype.setdefault(fdtype, ([], [], []))
+                norm_factors, norm_alphas, norm_rows = by_dtype.setdefault((fdtype, -(-K // 16)), ([], [], []))
                 for i, (layer, _, L, R) in enumerate(members):
                     norm_factors.append((L, R))
                     norm_alphas.append(momentum * layer.scaling)
@@ -267,20 +272,22 @@ class UnloadPlan:
         return out
 
     # --- what an unload runs ------------------------------------------------------------------------
-    def nonfinite(self) -> list[str]:
+    def nonfinite(self, norms_current: bool = False) -> list[str]:
         """Names of layers whose adapter holds NaN or Inf, in layer order.
 
         A NaN or Inf anywhere makes a norm non-finite. The fused layers' factors are checked through
         the exact norm of their update, ``||alpha L R||_F^2`` from the factors' Gram matrices, which
-        ``update_norms_`` (two launches per device and factor dtype) has written into the stats
-        table since the last rebuild, and where ``update_fused_(norms=False)`` then finds them
-        (``unload_`` launches them ahead of the refresh: ``norms_ahead_``); the other adapter tensors through one
-        multi-tensor norm per device and dtype (an update whose norm overflows fp32 is refused as
-        well: merging it would be no better). One host sync per device, reading the norms
+        ``update_norms_`` writes into the stats table, where ``update_fused_(norms=False)`` then
+        finds them; ``norms_current=True`` says it has run since the factors last changed (``unload_``
+        launches it ahead of the refresh, ``norms_ahead_``), else it runs here first. The other
+        adapter tensors are checked through one multi-tensor norm per device and dtype (an update
+        whose norm overflows fp32 is refused as well: merging it would be no better). One host sync per device, reading the norms
         themselves: the unload's only one before its updates, so the host work in front of it is
         kept to a few launches (with a multi-tensor norm over every adapter tensor instead, the
         unload of a 7B-shaped model took 12.1 ms on an H200, 9.6 ms with Gram norms per weight shape).
         """
+        if not norms_current:
+            self.update_norms_()
         checks: dict[torch.device, list] = {}  # device -> [(norms, their layers' names)]
         for work in self._devices:
             names = [name for g in work.updates for name in g.names]  # the stats table's row order
@@ -301,31 +308,31 @@ class UnloadPlan:
 
     def update_norms_(self, **launch) -> None:
         """Every fused layer's stats row set to [exact update norm², 0, 0] (``kernels.update_norms_``
-        per device and factor dtype, ``launch`` its benchmark options): what ``nonfinite`` reads and
-        ``update_fused_(norms=False)`` then builds on."""
+        per device, factor dtype and padded rank: a zeroed buffer and two launches each; ``launch``
+        its benchmark options): what ``nonfinite`` reads and ``update_fused_(norms=False)`` then
+        builds on."""
         if not self._devices:
             return
         from plora import kernels
 
         def launch_all():
             for work in self._devices:
-                for norms in work.norms:
-                    kernels.update_norms_(norms, work.stats, **launch)
+                with _on(work.device):
+                    for norms in work.norms:
+                        kernels.update_norms_(norms, work.stats, **launch)
 
-        if launch:  # the benchmark's options: never captured
-            launch_all()
-        else:
-            self._graphs.run("norms", launch_all, self._graph_device())
+        self._launches("norms", launch_all, launch)
 
     def update_fused_(self, seed: int, unload_index: int, sample_rows: int = 0, *, norms: bool = True,
                       **launch) -> list[torch.Tensor]:
         """Launch the grouped updates; per device, a float64 device tensor [norm², landed·d, d·d]:
         the norm² of the merged update over every element, the other two over about ``sample_rows``
-        rows per layer (0 = all), as ``unload._unload_layer`` returns them.
+        rows per layer (0 = all), as ``unload._unload_layer`` returns them. These tensors may be
+        the plan's own (a CUDA graph's outputs), which the next unload overwrites: read them first.
 
-        ``norms=False``: ``update_norms_`` (run by ``nonfinite``) has just computed the norms for
-        this plan and these factors, so the stats table is used as it left it (the benchmark's
-        ``has_stats=False`` skips them as well).
+        ``norms=False``: ``update_norms_`` has just computed the norms for this plan and these
+        factors (``unload_`` runs it before its finiteness check), so the stats table is used as it
+        left it (the benchmark's ``has_stats=False`` skips them as well).
 
         Stochastic rounding draws from ``reinit_seed(seed, layer, unload_index)``, as a layer
         updated on its own by ``kernels.fused_update_`` with that seed would. ``launch`` goes to
@@ -343,16 +350,15 @@ class UnloadPlan:
             out = []
             for work, (work_tables, _) in zip(self._devices, seed_tables):
                 tables = iter(work_tables)  # one per stochastic group, in group order
-                for g in work.updates:
-                    keys = next(tables) if g.mode == "stochastic" else None
-                    kernels.grouped_update_(g.ptrs, g.alphas, keys, g.stats, g.shape, g.strides, g.factor_dtype,
-                                            g.mode, g.has_res, sample_rows=sample_rows, **launch)
-                out.append(work.stats.sum(0, dtype=torch.float64))
+                with _on(work.device):
+                    for g in work.updates:
+                        keys = next(tables) if g.mode == "stochastic" else None
+                        kernels.grouped_update_(g.ptrs, g.alphas, keys, g.stats, g.shape, g.strides,
+                                                g.factor_dtype, g.mode, g.has_res, sample_rows=sample_rows, **launch)
+                    out.append(work.stats.sum(0, dtype=torch.float64))
             return out
 
-        if launch:
-            return launch_all()
-        return self._graphs.run(("updates", sample_rows), launch_all, self._graph_device())
+        return self._launches(("updates", sample_rows), launch_all, launch)
 
     def prepare_keys(self, seed: int, unload_index: int) -> None:
         """Make the seed tables of an unload with (seed, unload_index) now, stochastic rounding's and
@@ -373,10 +379,12 @@ class UnloadPlan:
             self._keys = ((seed, unload_index), tables)
         return self._keys[1]
 
-    def _graph_device(self) -> torch.device | None:
-        """The device the plan's fused launches may be captured on as CUDA graphs: its one device
-        (None with several, where they stay eager)."""
-        return self._devices[0].device if len(self._devices) == 1 else None
+    def _launches(self, key, launch_all, launch: dict):
+        """``launch_all()``, replayed as a CUDA graph from its third run on when the plan's fused work
+        is on one CUDA device; eagerly on several devices or with the benchmark's ``launch`` options."""
+        if launch or len(self._devices) != 1:
+            return launch_all()
+        return self._graphs.run(key, launch_all, self._devices[0].device)
 
     def reinit_(self, seed: int, unload_index: int) -> None:
         """Re-initialise every adapter as PEFT does (A random, B zero).
@@ -391,13 +399,15 @@ class UnloadPlan:
 
             def launch_all():
                 for work, (_, fill_tables) in zip(self._devices, seed_tables):
-                    for fill, keys in zip(work.fills, fill_tables):
-                        kernels.kaiming_fill_(fill.ptrs, keys, fill.numel, fill.bound, fill.dtype)
-                for groups in self._b_filled.values():
-                    for tensors, _ in groups:
-                        torch._foreach_zero_(tensors)
+                    with _on(work.device):
+                        for fill, keys in zip(work.fills, fill_tables):
+                            kernels.kaiming_fill_(fill.ptrs, keys, fill.numel, fill.bound, fill.dtype)
+                for device, groups in self._b_filled.items():
+                    with _on(device):
+                        for tensors, _ in groups:
+                            torch._foreach_zero_(tensors)
 
-            self._graphs.run("reinit", launch_all, self._graph_device())
+            self._launches("reinit", launch_all, {})
         for layer in self.torch_reinit:
             layer.reinit_(reinit_generator(seed + 1, layer.name, unload_index, layer.adapter_tensors()[0].device))
 
@@ -411,10 +421,14 @@ class UnloadPlan:
                 torch._foreach_mul_(tensors, scalar)
 
 
+def _on(device: torch.device):
+    """``device`` as the current CUDA device (triton launches on the current device's stream);
+    nothing to do elsewhere."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _fill_groups(device: torch.device, groups: list) -> list[_FillGroup]:
     """The kaiming re-init groups of one device's fused layers: by A's shape and dtype."""
-    from plora import kernels
-
     by_shape: dict[tuple, list] = {}
     for _, members in groups:
         for layer, _, _, _ in members:

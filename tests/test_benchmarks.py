@@ -43,14 +43,6 @@ def test_bench_unload_probes_are_named_options_of_the_kernel():
         assert set(options) <= accepted, name
 
 
-def test_bench_unload_refuses_a_malformed_program_count():
-    bench = load("bench_unload")
-    assert bench.counts_argument("8192, 32768") == [8192, 32768] and bench.counts_argument("") == []
-    for bad in ("8k", "0", "-4"):
-        with pytest.raises(argparse.ArgumentTypeError, match="positive integers"):
-            bench.counts_argument(bad)
-
-
 def test_bench_unload_reads_norm_variants_and_refuses_malformed_ones():
     from plora.kernels import update_norms_
 

@@ -81,9 +81,10 @@ def test_a_failed_capture_stays_eager_and_clear_starts_over(fake_cuda, monkeypat
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("mode", ["direct", "compensated", "stochastic"])
 def test_unload_through_cuda_graphs_gives_the_eager_bits_on_cuda(mode, monkeypatch):
-    """Five unloads with a kept plan, graphs on against graphs off: the same weights, residuals,
-    adapters and statistics, across a rebuild (another momentum) and a factor given new storage;
-    and the graphs were captured."""
+    """Eight unloads with a kept plan, graphs on against graphs off: the same weights, residuals,
+    adapters and statistics. Stretches of one momentum replay the graphs (from the second unload
+    after a build on); another momentum, and a factor given new storage within a stretch, rebuild
+    the plan and drop them."""
     pytest.importorskip("triton")
     from peft import LoraConfig, get_peft_model
     from torch import nn
@@ -98,7 +99,7 @@ def test_unload_through_cuda_graphs_gives_the_eager_bits_on_cuda(mode, monkeypat
         base = nn.Sequential(nn.Linear(256, 160), nn.Linear(160, 256), nn.Linear(256, 160)).to("cuda", torch.bfloat16)
         model = get_peft_model(base, LoraConfig(r=8, target_modules=["0", "1", "2"]))
         plan, residuals, stats = UnloadPlan(adapted_layers(model)), {}, []
-        for i, momentum in enumerate((1.0, 1.0, 1.0, 0.5, 1.0, 1.0)):
+        for i, momentum in enumerate((1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 1.0, 1.0)):
             with torch.no_grad():
                 for name, p in model.named_parameters():
                     if "lora_" in name:

@@ -302,28 +302,64 @@ def check_misaligned_weight_takes_the_torch_path(device):
 def check_cached_plan_gives_the_throwaway_plans_result(device):
     """A plan kept over several unloads (its pointer tables, the update norms it launches ahead of
     its refresh, and the seed tables it makes ahead for the next unload index reused) gives what a
-    fresh plan gives, statistics included, also when the index jumps, the momentum changes or a
-    factor gets new storage (the norms launched ahead must then not be those of the old one)."""
+    fresh plan gives, statistics included: over stretches of one momentum (the plan reused), when
+    the index jumps, the momentum changes, or a factor gets new storage within a stretch (the norms
+    launched ahead must then not be those of the old one)."""
+    # (unload index, momentum, a factor given new storage first)
+    steps = [(0, 1.0, False), (1, 1.0, False), (3, 1.0, False), (4, 0.5, False), (5, 0.5, False),
+             (6, 0.5, True), (8, 1.0, False), (9, 1.0, False)]
     for precision in ("auto", "stochastic"):
         results, norms = [], []
         for cached in (True, False):
             model = toy_peft(torch.bfloat16).to(device)
             plan = UnloadPlan(adapted_layers(model)) if cached else None
+            builds, ahead = [], []
+            if cached:
+                real_build, real_ahead = plan._build, plan.norms_ahead_
+                plan._build = lambda *a: builds.append(1) or real_build(*a)
+                plan.norms_ahead_ = lambda: (out := real_ahead()) and ahead.append(out[1]) or out
             residuals, got = {}, []
-            for i, index in enumerate((0, 1, 3, 4, 5)):
+            for i, (index, momentum, new_storage) in enumerate(steps):
                 randomise_adapters_(model, seed=i)
-                if i == 3:
+                if new_storage:
                     B = next(layer for layer in adapted_layers(model) if layer.kind == "linear").b_tensors()[0]
                     B.data = B.data.clone() * 3  # new storage, other values: what a load may do
-                stats = plora.unload_(model, 1.0 if i % 2 else 0.5, unload_index=index, residuals=residuals,
-                                      plan=plan, merge_precision=precision, seed=7 if i < 3 else 8)
+                stats = plora.unload_(model, momentum, unload_index=index, residuals=residuals, plan=plan,
+                                      merge_precision=precision, seed=7 if i < 3 else 8)
                 got.append((stats.update_norm, stats.landed_share))
             results.append([t.clone() for t in model.state_dict().values()] + list(residuals.values()))
             norms.append(got)
+            if cached:  # rebuilt at a new momentum or storage only; the norms launched ahead of the
+                # refresh (fused layers only) unless a factor pointer changed (new plan, new storage)
+                fused = [False, True, True, True, True, False, True, True]
+                assert len(builds) == 4 and ahead == (fused if plan._devices else [False] * 8), ahead
         assert len(results[0]) == len(results[1])
         assert all(torch.equal(a, b) for a, b in zip(*results)), precision
         for (n1, s1), (n2, s2) in zip(*norms):  # fp32 atomics: the order of the sums may differ on a GPU
             assert n1 == pytest.approx(n2, rel=1e-6) and s1 == pytest.approx(s2, rel=1e-5), (precision, norms)
+
+
+def check_nonfinite_caught_by_a_kept_plan(device):
+    """A NaN written in place into a factor of a plan that is reused (no rebuild, its norms launched
+    ahead of the refresh) is caught before any weight is touched, and skipped with 'skip'."""
+    model = stack_peft(device)
+    plan = UnloadPlan(adapted_layers(model))
+    for i in range(2):
+        randomise_adapters_(model, seed=i, scale=0.1)
+        plora.unload_(model, 1.0, plan=plan, unload_index=i)
+    randomise_adapters_(model, seed=5, scale=0.1)
+    bad = adapted_layers(model)[3]
+    with torch.no_grad():
+        bad.b_tensors()[0].view(-1)[2] = float("nan")
+    w0 = _weights(model)
+    with pytest.raises(FloatingPointError, match="1 layer"):
+        plora.unload_(model, 1.0, plan=plan, unload_index=2)
+    assert all(torch.equal(w0[layer.name], layer.weight) for layer in adapted_layers(model))
+    with pytest.warns(UserWarning, match="skipped 1 layer"):
+        stats = plora.unload_(model, 1.0, plan=plan, unload_index=2, on_nonfinite="skip")
+    assert stats.skipped == [bad.name]
+    assert all(torch.equal(w0[layer.name], layer.weight) == (layer.name == bad.name)
+               for layer in adapted_layers(model))
 
 
 CHECKS = [
@@ -337,6 +373,7 @@ CHECKS = [
     check_nonfinite_is_caught_in_every_adapter_tensor,
     check_nonfinite_on_wide_layers_touches_nothing,
     check_cached_plan_gives_the_throwaway_plans_result,
+    check_nonfinite_caught_by_a_kept_plan,
 ]
 
 
@@ -384,6 +421,12 @@ def test_plan_is_rebuilt_only_when_something_changed(monkeypatch):
     u.config.momentum = 0.25  # another alpha for every layer
     u.unload()
     assert len(builds) == 5
+    B = layer.b_tensors()[0]
+    B.data = B.data.clone()  # a factor given new storage: the pointers norms_ahead_ reads
+    u.unload()
+    assert len(builds) == 6
+    u.unload()
+    assert len(builds) == 6
 
 
 def test_cached_plan_gives_the_throwaway_plans_result():
