@@ -218,11 +218,7 @@ def _enqueue_unload(model, momentum, *, adapter_name, merge_precision, seed, unl
     kept = plan is not None  # the caller's plan serves the next unload too
     if plan is None:
         plan = UnloadPlan(adapted_layers(model, adapter_name) if layers is None else layers)
-    # the norms (the finiteness check's and update_norm) run on the GPU while the host checks the plan
-    factor_ptrs, ahead = plan.norms_ahead_()
-    if plan.refresh(merge_precision, momentum, residuals, factor_ptrs) or not ahead:
-        plan.update_norms_()
-    bad = plan.nonfinite(norms_current=True)
+    bad = plan.check_(merge_precision, momentum, residuals)
     if bad and on_nonfinite == "raise":
         raise FloatingPointError(
             f"refusing to unload: the adapter holds NaN/Inf in {len(bad)} layer(s), e.g. {bad[:3]}; "
@@ -232,10 +228,10 @@ def _enqueue_unload(model, momentum, *, adapter_name, merge_precision, seed, unl
         warnings.warn(f"plora: skipped {len(bad)} layer(s) whose adapter holds NaN/Inf: {bad[:3]}", stacklevel=3)
         skipped = set(bad)
         plan = UnloadPlan([layer for layer in plan.layers if layer.name not in skipped])
-        plan.refresh(merge_precision, momentum, residuals)  # its norms come with update_fused_(norms=True)
+        plan.refresh(merge_precision, momentum, residuals)
+        plan.update_norms_()
     sums = None  # (norm², landed·expected, expected²), accumulated on the device
-    # the norms of the fused updates came with the finiteness check, unless the plan was rebuilt since
-    for part in plan.update_fused_(seed, unload_index, landed_sample_rows, norms=bool(bad)):
+    for part in plan.update_fused_(seed, unload_index, landed_sample_rows, norms=False):  # norms: above
         sums = part if sums is None else sums + part.to(sums.device)
     for layer, mode, residual in plan.torch_work:
         # the stochastic-rounding stream; the other modes draw nothing

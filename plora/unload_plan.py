@@ -168,6 +168,15 @@ class UnloadPlan:
         self._key = self._signature(merge_precision, momentum, residuals)
         return True
 
+    def check_(self, merge_precision: str, momentum: float, residuals: dict | None) -> list[str]:
+        """``refresh``, then ``nonfinite`` of the factors as they are now. The norms are launched
+        ahead of the refresh's remaining checks when the plan's factor tensors are unchanged
+        (``norms_ahead_``), and again after a rebuild; ``update_fused_(norms=False)`` builds on them."""
+        factor_ptrs, ahead = self.norms_ahead_()
+        if self.refresh(merge_precision, momentum, residuals, factor_ptrs) or not ahead:
+            self.update_norms_()
+        return self.nonfinite(norms_current=True)
+
     def norms_ahead_(self) -> tuple[list[int], bool]:
         """Launch ``update_norms_`` before the ``refresh`` that must follow, if the plan is built and
         its factor tensors are the ones it was built from (the norm kernels read nothing else, and
@@ -278,13 +287,14 @@ class UnloadPlan:
         A NaN or Inf anywhere makes a norm non-finite. The fused layers' factors are checked through
         the exact norm of their update, ``||alpha L R||_F^2`` from the factors' Gram matrices, which
         ``update_norms_`` writes into the stats table, where ``update_fused_(norms=False)`` then
-        finds them; ``norms_current=True`` says it has run since the factors last changed (``unload_``
+        finds them; ``norms_current=True`` says it has run since the factors last changed (``check_``
         launches it ahead of the refresh, ``norms_ahead_``), else it runs here first. The other
         adapter tensors are checked through one multi-tensor norm per device and dtype (an update
-        whose norm overflows fp32 is refused as well: merging it would be no better). One host sync per device, reading the norms
-        themselves: the unload's only one before its updates, so the host work in front of it is
-        kept to a few launches (with a multi-tensor norm over every adapter tensor instead, the
-        unload of a 7B-shaped model took 12.1 ms on an H200, 9.6 ms with Gram norms per weight shape).
+        whose norm overflows fp32 is refused as well: merging it would be no better). One host sync
+        per device, reading the norms themselves: the unload's only one before its updates, so the
+        host work in front of it is kept to a few launches (with a multi-tensor norm over every
+        adapter tensor instead, the unload of a 7B-shaped model took 12.1 ms on an H200, 9.6 ms with
+        Gram norms per weight shape).
         """
         if not norms_current:
             self.update_norms_()
@@ -331,7 +341,7 @@ class UnloadPlan:
         the plan's own (a CUDA graph's outputs), which the next unload overwrites: read them first.
 
         ``norms=False``: ``update_norms_`` has just computed the norms for this plan and these
-        factors (``unload_`` runs it before its finiteness check), so the stats table is used as it
+        factors (``check_`` runs it before the finiteness check), so the stats table is used as it
         left it (the benchmark's ``has_stats=False`` skips them as well).
 
         Stochastic rounding draws from ``reinit_seed(seed, layer, unload_index)``, as a layer
