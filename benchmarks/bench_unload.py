@@ -13,9 +13,9 @@ after a warm-up, in one run on one device:
   layers: the overhead the grouped launches are there to keep small.
 - ``update only <mode>``: just the weight updates of those unloads (``addmm_`` for direct, the
   grouped launches of the plan for all three modes, with their statistics on the same 64 sampled
-  rows per layer, launched one by one like their probes): what an unload cannot avoid. Probes of
-  where the grouped kernels' time goes (GPU only): the same launches with one launch option changed (``--probes``: by default the
-  statistics summed over every row, as ``landed_sample_rows=0``; no statistics; the triton
+  rows per layer and the norm kernels, launched one by one like their probes): what an unload
+  cannot avoid. Probes of where the grouped kernels' time goes (GPU only): the same launches with
+  one launch option changed (``--probes``: by default the statistics summed over every row, as ``landed_sample_rows=0``; no statistics; the triton
   ``update_tile`` instead of the pipelined Gluon kernel; others: the triton kernel's register cap
   and layout options, see ``PROBES``) and with other tilings of the triton kernel (``--tiles``);
   and ``norms only``: the exact ``update_norm`` (``UnloadPlan.update_norms_``) alone, also with
@@ -219,8 +219,8 @@ def naive_merge(model):
 
 
 def launched_one_by_one(fn):
-    """``fn`` with the plan's CUDA graphs off: the ``update only`` and ``norms only`` rows and their
-    probes (which take launch options, never captured) all launch their kernels one by one."""
+    """``fn`` with the plan's CUDA graphs off: the ``no CUDA graphs`` rows, and the ``update only``
+    and ``norms only`` rows like their probes (which take launch options, never captured)."""
     def run():
         from plora import cuda_graphs
 
@@ -336,13 +336,8 @@ def bench_model(shape, device, args, clock, copy_bps):
             row(f"plora {mode}, landed_sample_rows={args.landed_rows}", mode, s, growth, reference=naive_s)
         if fused:
             import plora.kernels as kernels
-            from plora import cuda_graphs
 
-            enabled, cuda_graphs.ENABLED = cuda_graphs.ENABLED, False  # every launch one by one
-            try:
-                s, _, growth = clock.measure(unload, prepare, args.reps, args.warmup)
-            finally:
-                cuda_graphs.ENABLED = enabled
+            s, _, growth = clock.measure(launched_one_by_one(unload), prepare, args.reps, args.warmup)
             row(f"plora {mode}, no CUDA graphs", mode, s, growth, reference=naive_s, probe=True)
             real = kernels.fused_available
             kernels.fused_available = lambda t, **kw: False  # the unload's torch fallback path

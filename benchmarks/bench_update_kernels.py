@@ -112,7 +112,7 @@ def pipelined(mode, row_tiles, stages):
     return run
 
 
-def variant(name, mode, row_tiles=16):
+def variant(name, mode):
     import triton.language as tl
     import update_variants as uv
 
@@ -129,9 +129,9 @@ def variant(name, mode, row_tiles=16):
             if name == "one_tile":
                 uv.one_tile[(tn, tm, g.count)](*args, TILE_LAYOUT=kernels_gluon.tile_layout(bm, bn, warps), **consts)
             elif name == "strip":
-                uv.strip[(tn, g.count, -(-tm // row_tiles))](*args, row_tiles,
-                                                              TILE_LAYOUT=kernels_gluon.tile_layout(bm, bn, warps),
-                                                              **consts)
+                rows = kernels_gluon.MAX_ROW_TILES
+                layout = kernels_gluon.tile_layout(bm, bn, warps)
+                uv.strip[(tn, g.count, -(-tm // rows))](*args, rows, TILE_LAYOUT=layout, **consts)
             else:
                 uv.cuda_core[(tn, tm, g.count)](*args, **consts)
     return run
@@ -140,10 +140,14 @@ def variant(name, mode, row_tiles=16):
 def inplace_add():
     import update_variants as uv
 
+    from plora import kernels_gluon
+
+    bm, bn, warps = kernels_gluon.BLOCK_M, kernels_gluon.BLOCK_N, kernels_gluon.WARPS
+
     def run(groups):
         for g in groups:
-            uv.inplace_add[(-(-g.n // 128), -(-g.m // 32), g.count)](g.ptrs, g.m, g.n, BLOCK_M=32, BLOCK_N=128,
-                                                                      num_warps=4)
+            uv.inplace_add[(-(-g.n // bn), -(-g.m // bm), g.count)](g.ptrs, g.m, g.n, BLOCK_M=bm, BLOCK_N=bn,
+                                                                    num_warps=warps)
     return run
 
 
@@ -200,7 +204,7 @@ def main(argv=None) -> int:
     for mode in args.modes:
         triton_kernel = plora_update(mode, pipelined=False)
         time_row("plora default (grouped_update_)", mode, plora_update(mode), same_bits(groups, plora_update(mode), triton_kernel, mode))
-        time_row("plora triton update_tile (pipelined=False)", mode, triton_kernel, True)
+        time_row("plora triton update_tile (pipelined=False)", mode, triton_kernel)  # the reference itself
         for rt in args.row_tiles:
             for st in args.stages:
                 fn = pipelined(mode, rt, st)

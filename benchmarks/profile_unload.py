@@ -8,7 +8,8 @@ launched ahead of the plan's refresh, the refresh, the finiteness check with its
 grouped updates, the re-init, the next unload's seeds; the rest is the torch-path layers and the
 final statistics sync),
 and prints per phase its host time, then for the whole unload its wall time, the time the GPU was
-busy (the union of its kernels and copies) and how long the GPU waited before the first update kernel.
+busy (the union of its kernels and copies) and how long the GPU waited before the first kernel of
+the triton tile code (``unload_tile*``: the sampled statistics pass, right before the first update).
 ``--host-only`` times the same phases by ``time.perf_counter`` without the profiler, whose own
 overhead inflates host times::
 

@@ -9,7 +9,7 @@ An ``UnloadPlan`` sorts the layers once:
   and strides, merge precision and residual-or-not. A group keeps small device tables (data
   pointers of W, residual, L, R; alpha = momentum * scaling; a stats slot per layer) and is updated
   by one launch of ``plora.kernels.grouped_update_``. The exact update norms of all fused layers of
-  a device (its finiteness check) come from one launch pair per factor dtype
+  a device (its finiteness check) come from one launch pair per factor dtype and padded rank
   (``plora.kernels.update_norms_`` over a ``NormTable``), launched by ``norms_ahead_`` while the
   host still checks the rest of the plan;
 - every other layer (CPU, fp32 or fp16 weights, conv) keeps the per-layer torch path of
