@@ -21,7 +21,7 @@ rebuilds the plan if anything changed (``model.to()``, a load that replaced tens
 residual buffer, another momentum or merge precision).
 
 On one CUDA device the plan's three launch sequences (the norms, the grouped updates with their
-statistics, the fused re-init) are replayed as CUDA graphs from their third run on
+statistics, the fused re-init) are captured as CUDA graphs at their second run and replayed from then on
 (``plora.cuda_graphs``): their tables stay where they are until a rebuild, which drops the graphs,
 and the per-unload seeds are written into one persistent device buffer per device.
 
@@ -390,7 +390,7 @@ class UnloadPlan:
         return self._keys[1]
 
     def _launches(self, key, launch_all, launch: dict):
-        """``launch_all()``, replayed as a CUDA graph from its third run on when the plan's fused work
+        """``launch_all()``, as a CUDA graph (captured at its second run, replayed) when the plan's fused work
         is on one CUDA device; eagerly on several devices or with the benchmark's ``launch`` options."""
         if launch or len(self._devices) != 1:
             return launch_all()

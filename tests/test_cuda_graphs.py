@@ -78,6 +78,28 @@ def test_a_failed_capture_stays_eager_and_clear_starts_over(fake_cuda, monkeypat
     assert fake_cuda == ["eager", "capture", "eager", "replay", "replay", "sync", "eager"]
 
 
+def test_the_plan_graphs_its_launches_on_one_cuda_device_only(fake_cuda):
+    """UnloadPlan._launches: eager with the benchmark's launch options or with work on several
+    devices; through the cache (eager, captured, replayed) with one CUDA device."""
+    from types import SimpleNamespace
+
+    from plora.unload_plan import UnloadPlan
+
+    plan = UnloadPlan([])
+    one, two = SimpleNamespace(device=torch.device("cuda", 0)), SimpleNamespace(device=torch.device("cuda", 1))
+    plan._devices = [one, two]
+    for _ in range(3):
+        plan._launches("k", _body(fake_cuda, 0), {})
+    plan._devices = [one]
+    for _ in range(3):
+        plan._launches("options", _body(fake_cuda, 0), {"has_stats": False})
+    assert fake_cuda == ["eager"] * 6
+    fake_cuda.clear()
+    for _ in range(3):
+        plan._launches("k", _body(fake_cuda, 0), {})
+    assert fake_cuda == ["eager", "capture", "eager", "replay", "replay"]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("mode", ["direct", "compensated", "stochastic"])
 def test_unload_through_cuda_graphs_gives_the_eager_bits_on_cuda(mode, monkeypatch):

@@ -245,7 +245,7 @@ def check_grouped_update(device):
                 # fp32 atomics: the order of the tile sums may differ on a GPU
                 assert torch.allclose(stats[i, 1:], st, rtol=1e-4, atol=1e-7), (mode, m, n, i, stats[i], st)
             assert not stats[:, 0].any()  # the norm column is update_norms_'s
-            # statistics on a sample of rows (whole tiles of rows, evenly spaced); the norm stays exact
+            # statistics on a sample of rows (whole tiles of rows, evenly spaced)
             got_w, got_r, stats = _run_grouped(*case, sample_rows=1, tile=(16, 32, 2))
             sampled = torch.zeros(m, dtype=torch.bool)
             sampled[:16] = True  # one row wanted: one tile of rows, the first

@@ -41,7 +41,11 @@ def test_tile_layout_places_every_element_once_in_16_byte_runs(tile):
     for (reg, lane, warp), (row, col) in positions.items():
         if reg % run:  # the registers of a run: same row, the next column
             assert positions[(reg - 1, lane, warp)] == (row, col - 1)
-    assert run * 2 >= 16  # bf16: at least a 16-byte piece per run
+
+
+def test_the_kernels_tile_moves_16_byte_pieces():
+    run = 2 * kernels_gluon.BLOCK_N // (8 * kernels_gluon.WARPS)  # consecutive columns per thread (above)
+    assert run * 2 >= 16  # bf16: each run is at least one 16-byte load and store
 
 
 def test_tile_layout_refuses_a_tile_it_cannot_relabel():
