@@ -130,25 +130,41 @@ def _by_name(kernels) -> dict[str, float]:
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
-def _trained_adapter(model, device: str) -> None:
-    """B drawn anew before each unload, as ``bench_unload`` does (an unload leaves it zero), the
-    device then idle: each unload merges a trained-looking adapter. (Runs before this was added,
-    up to commit ``a0694fd``, unloaded B = 0 after the first unload.)"""
-    bench_unload.randomise_b(model)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+class _Unloads:
+    """One shape's model, its layers and a kept plan, unloaded as ``PeriodicUnloader`` would; each
+    unload gets a freshly drawn B first, as in ``bench_unload`` (an unload leaves it zero), the
+    device then idle, so that it merges a trained-looking adapter. (Runs up to ``a0694fd`` unloaded
+    B = 0 after the first unload.)"""
+
+    def __init__(self, shape: str, device: str, mode: str):
+        self.device, self.mode = device, mode
+        self.model = bench_unload.build(shape, device)
+        self.layers = adapted_layers(self.model)
+        self.plan = UnloadPlan(self.layers)
+        self.residuals = {} if mode == "compensated" else None
+
+    def trained_adapter(self) -> None:
+        bench_unload.randomise_b(self.model)
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def unload(self, i: int) -> None:
+        unload_(self.model, merge_precision=self.mode, residuals=self.residuals, layers=self.layers,
+                plan=self.plan, unload_index=i)
+
+    def close(self) -> None:
+        del self.model, self.layers, self.plan
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
 
 
 def profile_model(shape: str, device: str, mode: str, warmup: int, reps: int, trace_path: str | None) -> dict:
-    model = bench_unload.build(shape, device)
-    layers = adapted_layers(model)
-    plan = UnloadPlan(layers)
-    residuals = {} if mode == "compensated" else None
+    run = _Unloads(shape, device, mode)
 
     def one(i):
-        _trained_adapter(model, device)
+        run.trained_adapter()
         with torch.profiler.record_function("plora: unload"):
-            unload_(model, merge_precision=mode, residuals=residuals, layers=layers, plan=plan, unload_index=i)
+            run.unload(i)
 
     for i in range(warmup):
         one(i)
@@ -156,7 +172,7 @@ def profile_model(shape: str, device: str, mode: str, warmup: int, reps: int, tr
     if device.startswith("cuda"):
         activities.append(torch.profiler.ProfilerActivity.CUDA)
         torch.cuda.synchronize()
-    with marked_phases(plan), torch.profiler.profile(activities=activities) as prof:
+    with marked_phases(run.plan), torch.profiler.profile(activities=activities) as prof:
         for i in range(reps):
             one(warmup + i)
     with tempfile.TemporaryDirectory() as tmp:
@@ -164,37 +180,29 @@ def profile_model(shape: str, device: str, mode: str, warmup: int, reps: int, tr
         prof.export_chrome_trace(path)
         with open(path) as f:
             result = analyse(json.load(f))
-    result.update(shape=shape, mode=mode, layers=len(layers))
-    del model, layers, plan
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
+    result.update(shape=shape, mode=mode, layers=len(run.layers))
+    run.close()
     return result
 
 
 def host_times(shape: str, device: str, mode: str, warmup: int, reps: int) -> dict:
     """Each phase's host time, by ``time.perf_counter`` without a profiler (whose own overhead inflates
     host times), and each unload's wall time, over ``reps`` unloads after ``warmup``."""
-    model = bench_unload.build(shape, device)
-    layers = adapted_layers(model)
-    plan = UnloadPlan(layers)
-    residuals = {} if mode == "compensated" else None
+    run = _Unloads(shape, device, mode)
     for i in range(warmup):
-        _trained_adapter(model, device)
-        unload_(model, merge_precision=mode, residuals=residuals, layers=layers, plan=plan, unload_index=i)
+        run.trained_adapter()
+        run.unload(i)
     rows = []
     for i in range(reps):
-        _trained_adapter(model, device)
+        run.trained_adapter()
         phases: dict = {}
-        with wrapped_phases(plan, lambda label: _stopwatch(label, phases)):
+        with wrapped_phases(run.plan, lambda label: _stopwatch(label, phases)):
             start = time.perf_counter()
-            unload_(model, merge_precision=mode, residuals=residuals, layers=layers, plan=plan,
-                    unload_index=warmup + i)
+            run.unload(warmup + i)
             wall = (time.perf_counter() - start) * 1e6  # unload_ ends on its statistics' sync
         rows.append({"wall_us": wall, "phases_host_us": phases})
-    count = len(layers)
-    del model, layers, plan
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
+    count = len(run.layers)
+    run.close()
     return {"shape": shape, "mode": mode, "layers": count, "host_only": rows}
 
 
