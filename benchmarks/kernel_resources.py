@@ -36,7 +36,7 @@ SM90_MAX_WARPS = 64
 # the kernels' signatures, for compiling them without launching
 GROUPED = {"PTRS": "*i64", "ALPHAS": "*fp32", "KEYS": "*i64", "STATS": "*fp32", "G": "i32", "M": "i32", "N": "i32",
            "K": "i32", "stride_wm": "i32", "stride_lm": "i32", "stride_lk": "i32", "stride_rk": "i32",
-           "stride_rn": "i32", "row_step": "i32", "MODE": "constexpr", "HAS_RES": "constexpr",
+           "stride_rn": "i32", "row_step": "i32", "GATE": "*u8", "MODE": "constexpr", "HAS_RES": "constexpr",
            "FACTOR_DTYPE": "constexpr", "HAS_STATS": "constexpr", "STORE": "constexpr", "BLOCK_M": "constexpr",
            "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
 GROUPED_ALIGNED = ["PTRS", "ALPHAS", "KEYS", "STATS", "M", "N", "stride_wm", "stride_lm", "stride_rk"]
@@ -49,7 +49,8 @@ SINGLE_ALIGNED = ["W", "RES", "L", "R", "STATS", "M", "N", "stride_wm", "stride_
 MODES = {"direct": 0, "compensated": 1, "stochastic": 2}
 # plora.kernels_gluon.update_pipelined's runtime arguments (its constexprs: kernels_gluon.constants)
 PIPELINED = {"PTRS": "*i64", "ALPHAS": "*fp32", "KEYS": "*i64", "G": "i32", "M": "i32", "N": "i32", "K": "i32",
-             "stride_lm": "i32", "stride_lk": "i32", "stride_rk": "i32", "stride_rn": "i32", "row_tiles": "i32"}
+             "stride_lm": "i32", "stride_lk": "i32", "stride_rk": "i32", "stride_rn": "i32", "row_tiles": "i32",
+             "GATE": "*u8"}
 PIPELINED_ALIGNED = ["PTRS", "ALPHAS", "KEYS", "M", "N", "stride_lm", "stride_rk"]
 
 

@@ -127,18 +127,22 @@ if triton is not None:
         alpha, key_lo, key_hi, pid_m, pid_n,
         MODE: tl.constexpr, HAS_RES: tl.constexpr, HAS_STATS: tl.constexpr, STORE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STREAM: tl.constexpr = False,
-        LOAD_FIRST: tl.constexpr = False,
+        LOAD_FIRST: tl.constexpr = False, GATE=None, GATED: tl.constexpr = False,
     ):
         # One (BLOCK_M x BLOCK_N) tile of one layer, row tile pid_m, column tile pid_n: the body both
         # launch forms share, so a layer gets the same bits whether it is updated alone or in a group.
         # STORE=False computes the tile's statistics without writing anything (the statistics pass of
         # grouped_update_). STREAM marks W's load and store as streaming (read and written once).
+        # GATED: a 0 at GATE masks the stores (only they: the gate's load then waits on nothing).
         rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         row_ok = rows < M
         col_ok = cols < N
 
         mask = row_ok[:, None] & col_ok[None, :]
+        store_mask = mask
+        if GATED:
+            store_mask = tl.where(tl.load(GATE) != 0, mask, False)  # (triton's interpreter rejects a scalar & here)
         offs = rows[:, None] * stride_wm + cols[None, :]
         if LOAD_FIRST:  # W's (and the residual's) loads in flight while the factors load and multiply
             w_old, r_old = load_tile(W, RES, rows, cols, N, offs, mask, MODE == 1 and HAS_RES, STREAM)
@@ -167,7 +171,7 @@ if triton is not None:
                 new = to_bf16_rtne(t)
                 r_new = to_bf16_rtne(t - new.to(tl.float32))
                 if STORE:
-                    tl.store(RES + rows[:, None] * N + cols[None, :], r_new, mask=mask)
+                    tl.store(RES + rows[:, None] * N + cols[None, :], r_new, mask=store_mask)
                 res_delta = r_new.to(tl.float32) - r_old
             else:
                 new = to_bf16_rtne(t)
@@ -184,9 +188,9 @@ if triton is not None:
             new = to_bf16_rtne(t)
         if STORE:
             if STREAM:
-                tl.store(W + offs, new, mask=mask, cache_modifier=".cs")
+                tl.store(W + offs, new, mask=store_mask, cache_modifier=".cs")
             else:
-                tl.store(W + offs, new, mask=mask)
+                tl.store(W + offs, new, mask=store_mask)
         if HAS_STATS:
             # what arrived in the weight state (W, plus the residual where one is kept), against d
             landed = new.to(tl.float32) - w_old + res_delta
@@ -229,6 +233,8 @@ if triton is not None:
         COLS_FIRST: tl.constexpr = False,  # grid (tiles_n, tiles_m, G): neighbouring programs share rows
         STREAM: tl.constexpr = False,  # streaming cache hints on W (see update_tile)
         LOAD_FIRST: tl.constexpr = False,  # W's loads issued before the factors' (see update_tile)
+        GATE=None,  # uint8 (1,): with GATED, 0 masks every store (see grouped_update_)
+        GATED: tl.constexpr = False,
     ):
         # program (tile_m, tile_n, layer): the layers of a group share shape, rank, strides, dtypes
         g = tl.program_id(2)
@@ -252,7 +258,7 @@ if triton is not None:
             key_hi = (key >> 32) & 0x7FFFFFFF
         update_tile(W, RES, L, R, STATS + 3 * g + 1, M, N, K, stride_wm, stride_lm, stride_lk, stride_rk, stride_rn,
                     tl.load(ALPHAS + g), key_lo, key_hi, tile_m * row_step, tile_n,
-                    MODE, HAS_RES, HAS_STATS, STORE, BLOCK_M, BLOCK_N, BLOCK_K, STREAM, LOAD_FIRST)
+                    MODE, HAS_RES, HAS_STATS, STORE, BLOCK_M, BLOCK_N, BLOCK_K, STREAM, LOAD_FIRST, GATE, GATED)
 
     @triton.jit
     def gram_block(P, count, stride_i, stride_k, K, ka, kb, start, step, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -312,6 +318,8 @@ if triton is not None:
         STATS,  # fp32 (rows, 3): a layer's row gets [||alpha L R||_F^2, 0, 0], the norm from
                 # alpha^2 sum((L^T L) * (R R^T)), the zeros the start of the update pass's sums
         KPAD: tl.constexpr, BLOCK: tl.constexpr,
+        GATE=None,  # uint8 (1,): with GATED, set to 0 where a norm is not finite (never set to 1 here)
+        GATED: tl.constexpr = False,
     ):
         g = tl.program_id(0)
         row = tl.load(TABLE + 9 * tl.num_programs(0) + g)
@@ -322,7 +330,10 @@ if triton is not None:
             ok = i < KPAD * KPAD
             total += tl.sum(tl.load(base + i, mask=ok, other=0.0) * tl.load(base + KPAD * KPAD + i, mask=ok, other=0.0))
         alpha = tl.load(ALPHAS + g)
-        tl.store(STATS + 3 * row, alpha * alpha * total)
+        norm2 = alpha * alpha * total
+        tl.store(STATS + 3 * row, norm2)
+        if GATED:
+            tl.store(GATE, tl.full([], 0, tl.uint8), mask=(norm2 != norm2) | (tl.abs(norm2) == float("inf")))
         tl.store(STATS + 3 * row + 1, 0.0)
         tl.store(STATS + 3 * row + 2, 0.0)
 
@@ -332,22 +343,31 @@ if triton is not None:
         KEYS,  # int64 (G,): seed per tensor
         numel, bound,
         DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+        GATE=None,  # uint8 (1,): with GATED, 0 masks the stores (the tensors stay as they are)
+        GATED: tl.constexpr = False,
+        ZERO: tl.constexpr = False,  # fill with +0 instead (KEYS unread)
     ):
         # uniform in (-bound, bound) from the hash of (seed, element index): independent of the tiling
         g = tl.program_id(1)
         out = tl.multiple_of(tl.load(PTRS + g).to(tl.pointer_type(DTYPE)), 16)  # aligned: see above
-        key = tl.load(KEYS + g)
         offs = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
-        h = fmix32(fmix32(offs.to(tl.uint32) ^ (key & 0x7FFFFFFF).to(tl.uint32))
-                   ^ ((key >> 32) & 0x7FFFFFFF).to(tl.uint32))
-        # 24 random bits -> an odd multiple of 2^-24 in (-1, 1): exact in fp32, symmetric, never 0
-        u = ((h >> 8).to(tl.int32) * 2 - 0xFFFFFF).to(tl.float32) * 5.9604644775390625e-08
-        x = u * bound
-        if DTYPE == tl.bfloat16:
-            value = to_bf16_rtne(x)
+        mask = offs < numel
+        if GATED:
+            mask = tl.where(tl.load(GATE) != 0, mask, False)
+        if ZERO:
+            value = tl.zeros((BLOCK,), DTYPE)
         else:
-            value = x.to(DTYPE)
-        tl.store(out + offs, value, mask=offs < numel)
+            key = tl.load(KEYS + g)
+            h = fmix32(fmix32(offs.to(tl.uint32) ^ (key & 0x7FFFFFFF).to(tl.uint32))
+                       ^ ((key >> 32) & 0x7FFFFFFF).to(tl.uint32))
+            # 24 random bits -> an odd multiple of 2^-24 in (-1, 1): exact in fp32, symmetric, never 0
+            u = ((h >> 8).to(tl.int32) * 2 - 0xFFFFFF).to(tl.float32) * 5.9604644775390625e-08
+            x = u * bound
+            if DTYPE == tl.bfloat16:
+                value = to_bf16_rtne(x)
+            else:
+                value = x.to(DTYPE)
+        tl.store(out + offs, value, mask=mask)
 
 
 # the pipelined update pass (Gluon: compiled only, triton >= 3.4), imported after the helpers above,
@@ -509,6 +529,7 @@ def grouped_update_(
     load_first: bool | None = None,
     pipelined: bool | None = None,
     row_tiles: int | None = None,
+    gate: torch.Tensor | None = None,
 ) -> None:
     """``fused_update_`` for a group of layers in one launch; each layer gets the same bits as alone.
 
@@ -535,6 +556,9 @@ def grouped_update_(
     used for update passes without statistics (the statistics of a sampled pass come from the
     triton statistics pass); W gets the same bits either way. ``row_tiles`` (benchmark) sets its row
     tiles per program.
+    ``gate``: a uint8 (1,) tensor on the device; 0 there makes the update pass store nothing (W and
+    the residual stay as they are; it still loads and computes, and the statistics are garbage), so a caller can decide on the device, after launching,
+    whether the update happens (``UnloadPlan``'s finiteness check without a host sync).
     """
     M, N, K = shape
     G = ptrs.shape[1]
@@ -565,7 +589,7 @@ def grouped_update_(
         raise ValueError(f"the pipelined kernel cannot update this group ({M}x{N}, rank {K}) here")
     if pipelined and not stats_in_update:
         _gluon.update_(ptrs, alphas, keys, shape, factor_strides, _TL_DTYPE[factor_dtype], _MODE_ID[mode], has_res,
-                       block_k=options["BLOCK_K"], row_tiles=row_tiles)
+                       block_k=options["BLOCK_K"], row_tiles=row_tiles, gate=gate)
     else:
         layout = dict(UPDATE_LAYOUT[mode])
         layout.update({k: v for k, v in (("cols_first", cols_first), ("streaming", streaming),
@@ -573,7 +597,8 @@ def grouped_update_(
         update_options = dict(options, COLS_FIRST=layout["cols_first"], STREAM=layout["streaming"],
                               LOAD_FIRST=layout["load_first"])
         grid = (tiles_n, tiles_m, G) if layout["cols_first"] else (tiles_m, tiles_n, G)
-        unload_tile_grouped[grid](*args, 1, HAS_STATS=stats_in_update, STORE=True, **update_options)
+        unload_tile_grouped[grid](*args, 1, HAS_STATS=stats_in_update, STORE=True, **update_options,
+                                  GATE=gate if gate is not None else ptrs, GATED=gate is not None)
 
 
 NORM_TABLE_ROWS = 10  # L, R (data pointers), M, N, K, L's two strides, R's two strides, stats row
@@ -610,8 +635,9 @@ def norm_table(factors: list[tuple[torch.Tensor, torch.Tensor]], alphas: list[fl
         longest=max(max(L.shape[0], R.shape[1]) for L, R in factors))
 
 
-def update_norms_(norms: NormTable, stats: torch.Tensor, *, slices: int | None = None, programs: int = 4096,
-                  chunk: int = 32, warps: int = 2, precision: str = "tf32x3", stages: int = 1) -> None:
+def update_norms_(norms: NormTable, stats: torch.Tensor, *, gate: torch.Tensor | None = None,
+                  slices: int | None = None, programs: int = 4096, chunk: int = 32, warps: int = 2,
+                  precision: str = "tf32x3", stages: int = 1) -> None:
     """``stats[row_g] = [||alpha_g * L_g @ R_g||_F^2, 0, 0]`` for every layer of ``norms``: two launches.
 
     Exact while the update's other statistics are sampled, from the factors alone:
@@ -622,6 +648,8 @@ def update_norms_(norms: NormTable, stats: torch.Tensor, *, slices: int | None =
     layers of every shape, so the unload's finiteness check, which waits for it, costs a few
     launches per device, not a few per weight shape. The zeros start the sums that
     ``grouped_update_``'s statistics add to, so the stats table needs no clearing of its own.
+    ``gate`` (uint8 (1,), on the device) is set to 0 if any of these norms is not finite, else left
+    as it is: the caller sets it to 1 before the norms of its layers (``UnloadPlan``'s device check).
 
     The products run on the tensor cores in three tf32 passes (``tf32x3``: about fp32's accuracy;
     a NaN or Inf still makes the norm non-finite), 32 rows per step, 2 warps, no software
@@ -640,19 +668,23 @@ def update_norms_(norms: NormTable, stats: torch.Tensor, *, slices: int | None =
     factor_grams[(G, slices)](norms.table, grams, FACTOR_DTYPE=_TL_DTYPE[norms.factor_dtype], BLOCK_K=block,
                               CHUNK=chunk, KPAD=norms.kpad, PRECISION=precision, num_warps=warps,
                               num_stages=stages)
-    gram_norms[(G,)](grams, norms.table, norms.alphas, stats, KPAD=norms.kpad, BLOCK=1024, num_warps=4)
+    gram_norms[(G,)](grams, norms.table, norms.alphas, stats, KPAD=norms.kpad, BLOCK=1024, num_warps=4,
+                     GATE=gate if gate is not None else stats, GATED=gate is not None)
 
 
-def kaiming_fill_(ptrs: torch.Tensor, keys: torch.Tensor, numel: int, bound: float, dtype: torch.dtype) -> None:
+def kaiming_fill_(ptrs: torch.Tensor, keys: torch.Tensor | None, numel: int, bound: float, dtype: torch.dtype,
+                  *, gate: torch.Tensor | None = None) -> None:
     """Fill G contiguous tensors of ``numel`` elements uniformly in (-bound, bound), one launch.
 
     ``ptrs`` and ``keys`` are int64 (G,) tables of data pointers and seeds on the tensors' device;
     ``dtype`` one of ``FACTOR_DTYPES``. Tensor g is a function of ``keys[g]`` only: the same seed
-    gives the same values on every device and at every tiling.
+    gives the same values on every device and at every tiling. ``keys=None`` fills with +0 instead
+    (B's re-init). ``gate``: as in ``grouped_update_``, 0 there leaves the tensors as they are.
     """
     block = 1024
     kaiming_fill[(_cdiv(numel, block), ptrs.shape[0])](
-        ptrs, keys, numel, float(bound), DTYPE=_TL_DTYPE[dtype], BLOCK=block, num_warps=4,
+        ptrs, keys if keys is not None else ptrs, numel, float(bound), DTYPE=_TL_DTYPE[dtype], BLOCK=block,
+        num_warps=4, GATE=gate if gate is not None else ptrs, GATED=gate is not None, ZERO=keys is None,
     )
 
 

@@ -124,6 +124,8 @@ def update_pipelined(
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
     STAGES: gl.constexpr, TILE_LAYOUT: gl.constexpr,
     K_WIDTH: gl.constexpr,  # operand elements per thread along k: 2 for 16-bit factors, 1 for fp32 (as triton's dot)
+    GATE,  # uint8 (1,): with GATED, 0 masks every store (the loads go on: the gate's load waits on nothing)
+    GATED: gl.constexpr,
 ):
     # program (column tile, layer, chunk of row tiles); the arithmetic is kernels.update_tile's
     layout: gl.constexpr = TILE_LAYOUT
@@ -134,6 +136,9 @@ def update_pipelined(
     g = gl.program_id(1)
     first = gl.program_id(2) * row_tiles
     count = gl.minimum(row_tiles, (M + BLOCK_M - 1) // BLOCK_M - first)
+    opened = count >= 0  # (always)
+    if GATED:
+        opened = gl.load(GATE) != 0
     W, RES, L, R, alpha, kmix = layer_tables(PTRS, ALPHAS, KEYS, G, g, FACTOR_DTYPE, MODE)
     col0 = tile_n * BLOCK_N
 
@@ -167,7 +172,7 @@ def update_pipelined(
         row0 = (first + it) * BLOCK_M
         rows = (row0 + tile_rows).to(gl.int64)
         offs = rows[:, None] * N + cols[None, :]
-        mask = (rows[:, None] < M) & col_ok[None, :]
+        mask = (rows[:, None] < M) & col_ok[None, :] & opened
         d = _product_tile(L, b, alpha, row0, M, K, stride_lm, stride_lk, BLOCK_M, BLOCK_N, BLOCK_K, TILE_LAYOUT, K_WIDTH)
         async_copy.wait_group(STAGES - 1)  # this tile's copy has landed
         t = w_ring.index(it % STAGES).load(layout).to(gl.float32) + d
@@ -236,22 +241,25 @@ def row_tiles_for(tiles_m: int, tiles_n: int, layers: int, device: torch.device)
     return rows
 
 
-def constants(mode_id: int, has_res: bool, tl_factor_dtype, block_k: int, stages: int | None = None) -> dict:
+def constants(mode_id: int, has_res: bool, tl_factor_dtype, block_k: int, stages: int | None = None,
+              gated: bool = True) -> dict:
     """``update_pipelined``'s compile-time arguments for a group (also what
-    ``benchmarks/kernel_resources.py`` compiles offline)."""
+    ``benchmarks/kernel_resources.py`` compiles offline; ``gated``, as ``UnloadPlan`` launches it)."""
     return dict(MODE=mode_id, HAS_RES=has_res, FACTOR_DTYPE=tl_factor_dtype, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
                 BLOCK_K=block_k, STAGES=stages or STAGES[mode_id], TILE_LAYOUT=tile_layout(BLOCK_M, BLOCK_N, WARPS),
-                K_WIDTH=1 if tl_factor_dtype.primitive_bitwidth == 32 else 2)
+                K_WIDTH=1 if tl_factor_dtype.primitive_bitwidth == 32 else 2, GATED=gated)
 
 
 def update_(ptrs, alphas, keys, shape, factor_strides, tl_factor_dtype, mode_id: int, has_res: bool,
-            *, block_k: int, row_tiles: int | None = None, stages: int | None = None) -> None:
-    """Launch ``update_pipelined`` over a group (the tables of ``kernels.grouped_update_``)."""
+            *, block_k: int, row_tiles: int | None = None, stages: int | None = None,
+            gate: torch.Tensor | None = None) -> None:
+    """Launch ``update_pipelined`` over a group (the tables and gate of ``kernels.grouped_update_``)."""
     M, N, K = shape
     G = ptrs.shape[1]
     tiles_m, tiles_n = -(-M // BLOCK_M), -(-N // BLOCK_N)
     rows = row_tiles or row_tiles_for(tiles_m, tiles_n, G, ptrs.device)
     update_pipelined[(tiles_n, G, -(-tiles_m // rows))](
         ptrs, alphas, keys if keys is not None else ptrs, G, M, N, K, *factor_strides, rows,
-        **constants(mode_id, has_res, tl_factor_dtype, block_k, stages), num_warps=WARPS,
+        GATE=gate if gate is not None else ptrs,
+        **constants(mode_id, has_res, tl_factor_dtype, block_k, stages, gated=gate is not None), num_warps=WARPS,
     )

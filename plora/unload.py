@@ -186,16 +186,28 @@ def unload_(
 
     ``residuals`` is the per-layer buffer of ``merge_precision='compensated'``; pass the same dict
     at every unload (``PeriodicUnloader`` does). Without it, what rounding drops is dropped.
-    An adapter holding NaN/Inf is never merged: ``on_nonfinite='raise'`` raises before any layer
-    is touched, ``'skip'`` leaves those layers alone and warns.
+    An adapter holding NaN/Inf is never merged: ``on_nonfinite='raise'`` raises and no layer is
+    touched, ``'skip'`` leaves those layers alone and warns. (Where every write of the unload is a
+    kernel's, the check stays on the device: the kernels read a gate its norms set, and write
+    nothing when one is not finite; the host reads the gate with the statistics, after the updates,
+    and only then, if it is closed, finds the layers and raises or skips. The unload then has one
+    host sync instead of two.)
     ``plan`` is an ``UnloadPlan`` of the layers to unload, kept from one unload to the next (it then
     replaces ``layers``); without it a throw-away one is built, with the same results.
     """
     start = time.perf_counter()
-    stats, sums = _enqueue_unload(model, momentum, adapter_name=adapter_name, merge_precision=merge_precision,
-                                  seed=seed, unload_index=unload_index, on_nonfinite=on_nonfinite,
-                                  residuals=residuals, landed_sample_rows=landed_sample_rows, layers=layers, plan=plan)
-    norm2, dot, den = sums.tolist() if sums is not None else (0.0, 0.0, 0.0)  # the one sync after the updates
+    args = dict(adapter_name=adapter_name, merge_precision=merge_precision, seed=seed, unload_index=unload_index,
+                on_nonfinite=on_nonfinite, residuals=residuals, landed_sample_rows=landed_sample_rows,
+                layers=layers, plan=plan)
+    stats, sums, gate = _enqueue_unload(model, momentum, **args)
+    if gate is not None:  # checked on the device: the gate comes with the statistics, in the one sync
+        *values, opened = torch.cat([sums, gate.to(sums.dtype)]).tolist()
+        if not opened:  # an adapter is not finite and nothing was written: find it on the host
+            stats, sums, _ = _enqueue_unload(model, momentum, **args, check_on_device=False)
+            values = sums.tolist() if sums is not None else (0.0, 0.0, 0.0)
+    else:
+        values = sums.tolist() if sums is not None else (0.0, 0.0, 0.0)  # the one sync after the updates
+    norm2, dot, den = values
     stats.update_norm = math.sqrt(max(norm2, 0.0))
     stats.landed_share = dot / den if den > 0 else 1.0
     stats.seconds = time.perf_counter() - start
@@ -203,12 +215,15 @@ def unload_(
 
 
 def _enqueue_unload(model, momentum, *, adapter_name, merge_precision, seed, unload_index, on_nonfinite, residuals,
-                    landed_sample_rows, layers, plan) -> tuple[UnloadStats, torch.Tensor | None]:
+                    landed_sample_rows, layers, plan, check_on_device=True
+                    ) -> tuple[UnloadStats, torch.Tensor | None, torch.Tensor | None]:
     """``unload_`` up to its last host sync: every update enqueued, the statistics still on the device
     (so a benchmark can time the host's share alone).
 
-    Returns the stats without the measured numbers, and the device tensor
-    (norm², landed·expected, expected²) they come from (None when no layer was merged).
+    Returns the stats without the measured numbers, the device tensor (norm², landed·expected,
+    expected²) they come from (None when no layer was merged), and the plan's gate when the
+    finiteness check was left to the device (``UnloadPlan.check_(on_device=True)``; else None):
+    if it reads 0, nothing was written and the unload must be run again with ``check_on_device=False``.
     """
     if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 < momentum <= 1.0:
         raise ValueError(f"momentum must be in (0, 1], got {momentum!r}")
@@ -218,7 +233,7 @@ def _enqueue_unload(model, momentum, *, adapter_name, merge_precision, seed, unl
     kept = plan is not None  # the caller's plan serves the next unload too
     if plan is None:
         plan = UnloadPlan(adapted_layers(model, adapter_name) if layers is None else layers)
-    bad = plan.check_(merge_precision, momentum, residuals)
+    bad = plan.check_(merge_precision, momentum, residuals, on_device=check_on_device)
     if bad and on_nonfinite == "raise":
         raise FloatingPointError(
             f"refusing to unload: the adapter holds NaN/Inf in {len(bad)} layer(s), e.g. {bad[:3]}; "
@@ -244,13 +259,13 @@ def _enqueue_unload(model, momentum, *, adapter_name, merge_precision, seed, unl
         plan.reinit_(seed, unload_index)
     else:
         plan.scale_b_(1.0 - momentum)
-    if kept and not bad:
+    if kept and not bad:  # (None: checked on the device, most likely clean)
         # while the GPU runs the updates: the next unload's stochastic-rounding and re-init seeds (a
         # hash per layer), which would otherwise cost host time in front of and among its launches
         plan.prepare_keys(seed, unload_index + 1)
     stats = UnloadStats(unload_index=unload_index, layers=len(plan.layers), update_norm=0.0, landed_share=1.0,
-                        precision=dict(plan.modes), skipped=bad)
-    return stats, sums
+                        precision=dict(plan.modes), skipped=bad or [])
+    return stats, sums, plan.gate() if bad is None else None
 
 
 def _merge_bias(layer: AdaptedLayer, momentum: float) -> None:

@@ -43,11 +43,12 @@ def _memory_ops(ptx: str) -> set:
     return set(re.findall(r"(?:ld|st)\.global[.\w]*", ptx))
 
 
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "ungated"])
 @pytest.mark.parametrize("has_stats", [True, False], ids=["stats", "no-stats"])
 @pytest.mark.parametrize("mode", [0, 1, 2], ids=["direct", "compensated", "stochastic"])
-def test_grouped_update_uses_vector_loads_and_stores(mode, has_stats):
+def test_grouped_update_uses_vector_loads_and_stores(mode, has_stats, gated):
     constants = {"MODE": mode, "HAS_RES": mode == 1, "FACTOR_DTYPE": tl.float32, "HAS_STATS": has_stats,
-                 "STORE": True, "BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 16}
+                 "STORE": True, "BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 16, "GATED": gated}
     ops = _memory_ops(_ptx(K.unload_tile_grouped, GROUPED, constants,
                            KR.GROUPED_ALIGNED))
     assert "ld.global.v4.b32" in ops and "st.global.v4.b32" in ops, ops
@@ -119,8 +120,8 @@ def test_norm_kernels_compile_with_relaxed_atomics(kpad):
     atomics = re.findall(r"(?<![\w.])(?:atom|red)\.global[.\w]*", ptx)
     assert atomics and all(".relaxed." in a for a in atomics), atomics
     sig = {"GRAMS": "*fp32", "TABLE": "*i64", "ALPHAS": "*fp32", "STATS": "*fp32", "KPAD": "constexpr",
-           "BLOCK": "constexpr"}
-    ptx = _ptx(K.gram_norms, sig, {"KPAD": kpad, "BLOCK": 1024}, ["GRAMS", "TABLE", "ALPHAS", "STATS"])
+           "BLOCK": "constexpr", "GATE": "*u8"}
+    ptx = _ptx(K.gram_norms, sig, {"KPAD": kpad, "BLOCK": 1024, "GATED": True}, ["GRAMS", "TABLE", "ALPHAS", "STATS"])
     assert any(op.startswith("st.global") for op in _memory_ops(ptx))
 
 
@@ -131,10 +132,13 @@ def test_single_layer_update_uses_vector_loads_and_stores():
     assert "st.global.v4.b32" in ops and "st.global.b16" not in ops, ops
 
 
-def test_kaiming_fill_uses_vector_stores():
+@pytest.mark.parametrize("zero", [False, True], ids=["kaiming", "zero"])
+@pytest.mark.parametrize("gated", [False, True], ids=["ungated", "gated"])
+def test_kaiming_fill_uses_vector_stores(gated, zero):
     sig = {"PTRS": "*i64", "KEYS": "*i64", "numel": "i32", "bound": "fp32", "DTYPE": "constexpr",
-           "BLOCK": "constexpr"}
-    ops = _memory_ops(_ptx(K.kaiming_fill, sig, {"DTYPE": tl.float32, "BLOCK": 1024}, ["PTRS", "KEYS", "numel"]))
+           "BLOCK": "constexpr", "GATE": "*u8"}
+    constants = {"DTYPE": tl.float32, "BLOCK": 1024, "GATED": gated, "ZERO": zero}
+    ops = _memory_ops(_ptx(K.kaiming_fill, sig, constants, ["PTRS", "KEYS", "numel"]))
     assert any(op.startswith("st.global.v") for op in ops), ops
 
 

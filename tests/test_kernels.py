@@ -343,8 +343,53 @@ def check_kaiming_fill(device):
     assert (hist - 1 / 8).abs().max().item() < 0.005
 
 
+def check_gates(device):
+    """A closed gate (0) makes the writing kernels write nothing: the grouped update (W and the
+    residual, with and without its statistics), the kaiming fill and the zero fill; an open one
+    (1) gives the ungated bits. The norms close an open gate on a non-finite norm, and never open one."""
+    from plora.kernels import MODES, grouped_update_, kaiming_fill_, norm_table, update_norms_  # noqa: F401
+
+    def gate(value):
+        return torch.full((1,), value, dtype=torch.uint8, device=device)
+
+    for mode in MODES:
+        for m, n, r, fdtype, tr, count in GROUPS[:3]:
+            layers = [_inputs(m, n, r, fdtype, tr, device, seed=i) for i in range(count)]
+            res0 = [torch.full((m, n), 1e-3, dtype=torch.bfloat16, device=device) if mode == "compensated" else None
+                    for _ in range(count)]
+            case = (layers, res0, [0.7, -1.3, 0.25][:count], [5, 6, 7][:count], fdtype, mode, device)
+            for options in (dict(), dict(has_stats=False)):
+                got_w, got_r, _ = _run_grouped(*case, gate=gate(0), **options)
+                assert all(torch.equal(W, W0) for W, (W0, _, _) in zip(got_w, layers)), (mode, m, options)
+                assert all(r is None or torch.equal(r, r0) for r, r0 in zip(got_r, res0)), (mode, m, options)
+                want_w, want_r, _ = _run_grouped(*case, **options)
+                got_w, got_r, _ = _run_grouped(*case, gate=gate(1), **options)
+                assert all(torch.equal(a, b) for a, b in zip(got_w, want_w)), (mode, m, options)
+                assert all(a is None or torch.equal(a, b) for a, b in zip(got_r, want_r)), (mode, m, options)
+                assert not all(torch.equal(W, W0) for W, (W0, _, _) in zip(got_w, layers))
+
+    tensors = [torch.full((8, 300), 2.0, device=device) for _ in range(2)]
+    ptrs = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64, device=device)
+    keys = torch.tensor([1, 2], dtype=torch.int64, device=device)
+    for keys_ in (keys, None):  # kaiming, then zero
+        kaiming_fill_(ptrs, keys_, 2400, 0.1, torch.float32, gate=gate(0))
+        assert all((t == 2.0).all() for t in tensors)
+    kaiming_fill_(ptrs, keys, 2400, 0.1, torch.float32, gate=gate(1))
+    assert all((t.abs() <= 0.1).all() and t.count_nonzero() == t.numel() for t in tensors)
+    kaiming_fill_(ptrs, None, 2400, 0.1, torch.float32, gate=gate(1))
+    assert all(not t.any() and not t.signbit().any() for t in tensors)  # +0, as zero_() writes
+
+    L, R = torch.randn(20, 4, device=device), torch.randn(4, 30, device=device)
+    bad = R.clone()
+    bad[1, 2] = float("nan")
+    for factors, start, want in [((L, R), 1, 1), ((L, R), 0, 0), ((L, bad), 1, 0), ((L * 1e30, R * 1e30), 1, 0)]:
+        g = gate(start)
+        update_norms_(norm_table([factors], [1.0], [0]), torch.zeros(1, 3, device=device), gate=g)
+        assert g.item() == want, (start, want)
+
+
 CHECKS = [check_direct, check_compensated, check_stochastic, check_stats, check_grouped_update, check_update_norms,
-          check_kaiming_fill]
+          check_kaiming_fill, check_gates]
 
 
 # --- on a GPU: in process -------------------------------------------------------------------

@@ -59,3 +59,31 @@ def test_the_pipelined_kernel_is_never_offered_off_cuda():
     from plora.kernels import pipelined_available
 
     assert not pipelined_available(torch.device("cpu"), 4096, 16)
+
+
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "ungated"])
+def test_launch_arguments_bind_to_the_kernels_parameters(monkeypatch, gated):
+    """``update_``'s launch binds every argument to the parameter it means (a positional one in a
+    constexpr's slot fails only at launch, on a GPU)."""
+    import inspect
+
+    import triton.language as tl
+
+    launched = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.append((grid, args, kwargs))
+
+    real = kernels_gluon.update_pipelined
+    monkeypatch.setattr(kernels_gluon, "update_pipelined", Recorder())
+    ptrs, alphas, keys = torch.zeros(4, 3, dtype=torch.int64), torch.ones(3), torch.zeros(3, dtype=torch.int64)
+    gate = torch.ones(1, dtype=torch.uint8) if gated else None
+    kernels_gluon.update_(ptrs, alphas, keys, (300, 256, 16), (16, 1, 256, 1), tl.bfloat16, 2, False,
+                          block_k=16, row_tiles=2, gate=gate)
+    (grid, args, kwargs), = launched
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")}
+    bound = inspect.signature(real.fn).bind(*args, **kwargs).arguments
+    assert bound["MODE"] == 2 and bound["KEYS"] is keys and bound["row_tiles"] == 2 and bound["K"] == 16
+    assert bound["GATED"] is gated and bound["GATE"] is (gate if gated else ptrs)
+    assert grid == (2, 3, 5)  # (column tiles, layers, chunks of row tiles)

@@ -341,25 +341,44 @@ def check_cached_plan_gives_the_throwaway_plans_result(device):
 
 def check_nonfinite_caught_by_a_kept_plan(device):
     """A NaN written in place into a factor of a plan that is reused (no rebuild, its norms launched
-    ahead of the refresh) is caught before any weight is touched, and skipped with 'skip'."""
-    model = stack_peft(device)
-    plan = UnloadPlan(adapted_layers(model))
-    for i in range(2):
-        randomise_adapters_(model, seed=i, scale=0.1)
-        plora.unload_(model, 1.0, plan=plan, unload_index=i)
-    randomise_adapters_(model, seed=5, scale=0.1)
-    bad = adapted_layers(model)[3]
-    with torch.no_grad():
-        bad.b_tensors()[0].view(-1)[2] = float("nan")
-    w0 = _weights(model)
-    with pytest.raises(FloatingPointError, match="1 layer"):
-        plora.unload_(model, 1.0, plan=plan, unload_index=2)
-    assert all(torch.equal(w0[layer.name], layer.weight) for layer in adapted_layers(model))
-    with pytest.warns(UserWarning, match="skipped 1 layer"):
-        stats = plora.unload_(model, 1.0, plan=plan, unload_index=2, on_nonfinite="skip")
-    assert stats.skipped == [bad.name]
-    assert all(torch.equal(w0[layer.name], layer.weight) == (layer.name == bad.name)
-               for layer in adapted_layers(model))
+    ahead of the refresh) is caught, in every merge precision, with nothing touched: weights,
+    residuals, A and B (the re-init is gated too); 'skip' then merges the other layers. The plan
+    leaves the check to the device (no host sync before the updates): a clean unload never reads
+    the norms on the host, a failing one once, to name the layer."""
+    for precision in ("compensated", "stochastic", "direct"):
+        model = stack_peft(device)
+        plan = UnloadPlan(adapted_layers(model))
+        host_checks = []
+        real_nonfinite = plan.nonfinite
+        plan.nonfinite = lambda *a, **k: host_checks.append(1) or real_nonfinite(*a, **k)
+        residuals = {}
+        for i in range(2):
+            randomise_adapters_(model, seed=i, scale=0.1)
+            plora.unload_(model, 1.0, plan=plan, unload_index=i, merge_precision=precision, residuals=residuals)
+        assert plan.device_checked and host_checks == [], precision
+        randomise_adapters_(model, seed=5, scale=0.1)
+        bad = adapted_layers(model)[3]
+        with torch.no_grad():
+            bad.b_tensors()[0].view(-1)[2] = float("nan")
+        before = {n: t.clone() for n, t in model.state_dict().items()}
+        res_before = {n: r.clone() for n, r in residuals.items()}
+        w0, b_bad = _weights(model), bad.b_tensors()[0].clone()
+        with pytest.raises(FloatingPointError, match="1 layer"):
+            plora.unload_(model, 1.0, plan=plan, unload_index=2, merge_precision=precision, residuals=residuals)
+        assert host_checks == [1], precision
+        same = lambda a, b: torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())  # noqa: E731
+        assert all(same(before[n], t) for n, t in model.state_dict().items()), precision  # (NaN != NaN)
+        assert all(same(res_before[n], r) for n, r in residuals.items()), precision
+        with pytest.warns(UserWarning, match="skipped 1 layer"):
+            stats = plora.unload_(model, 1.0, plan=plan, unload_index=2, on_nonfinite="skip",
+                                  merge_precision=precision, residuals=residuals)
+        assert stats.skipped == [bad.name]
+        for layer in adapted_layers(model):  # the bad layer as it was; the others merged and re-initialised
+            B = layer.b_tensors()[0]
+            if layer.name == bad.name:
+                assert same(w0[layer.name], layer.weight) and same(b_bad, B), precision
+            else:
+                assert not torch.equal(w0[layer.name], layer.weight) and not B.any(), (precision, layer.name)
 
 
 CHECKS = [
