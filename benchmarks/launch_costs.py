@@ -5,9 +5,9 @@ call in µs: the median of 5 loops of ``n`` calls between syncs.
 
     python benchmarks/launch_costs.py > launch_costs.txt
 
-The numbers in docs/results/performance.md come from this script run on the code of ``a866d4b``,
-before the plan replayed its own graphs; the plan's graphs are switched off here, so that it
-measures the same eager launches on later code.
+The numbers in docs/results/performance.md come from a first form of this script run on the code
+of ``a866d4b``, before the plan replayed its own graphs, and from this script on ``26d153b``; the
+plan's graphs are switched off here, so that it measures the same eager launches on later code.
 """
 
 from __future__ import annotations

@@ -4,9 +4,10 @@
 on the 7B shape; docs/results/performance.md) is what this script takes apart. It unloads the Llama-shaped linear layers of
 ``bench_unload`` a few times with a kept ``UnloadPlan`` (as ``PeriodicUnloader`` does), profiles the
 last unloads with each phase of ``plora.unload._enqueue_unload`` marked (the update norms
-launched ahead of the plan's refresh, the refresh, the finiteness check with its host sync, the
-grouped updates, the re-init, the next unload's seeds; the rest is the torch-path layers and the
-final statistics sync),
+launched ahead of the plan's refresh, the refresh, the finiteness check with its host sync (where
+the plan checks on the host: a device-checked plan leaves it to the kernels' gate), the grouped
+updates, the re-init, the next unload's seeds; the rest is the torch-path layers and the final
+statistics sync),
 and prints per phase its host time, then for the whole unload its wall time, the time the GPU was
 busy (the union of its kernels and copies) and how long the GPU waited before the first kernel of
 the triton tile code (``unload_tile*``: the sampled statistics pass, right before the first update).

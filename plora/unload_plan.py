@@ -35,13 +35,14 @@ other B, and lora_bias, by one ``torch._foreach_zero_`` per device and dtype). O
 (embeddings, gaussian init, the torch path) are re-initialised per layer as before. Momentum < 1
 scales B (and lora_bias) of every layer by one ``torch._foreach_mul_`` per device and dtype.
 
-The finiteness check without a host sync: the norms' launches end by setting a one-byte gate per
-device (1 while every update norm is finite), which every writing kernel of the unload reads (the
-updates, the kaiming and zero fills): a closed gate leaves them nothing to load or store. When
-every write of an unload is such a kernel's, on one device, at momentum 1 (``device_checked``),
-``unload_`` reads the gate with the statistics after the updates, instead of reading the norms
-before them, and only if it is closed runs the host check to name the layers. The host sync in
-front of the updates, about 0.13 ms of an unload of a 1B-shaped model on an H200, is gone.
+The finiteness check without a host sync: the norms' launch sequence opens a one-byte gate per
+device and the norm kernel closes it wherever a norm is not finite; every writing kernel of the
+unload (the updates, the kaiming and zero fills) masks its stores with it. When every write of
+an unload is such a kernel's, on one device, at momentum 1 (``device_checked``), ``unload_``
+reads the gate with the statistics after the updates, instead of reading the norms before them,
+and only if it is closed (nothing was written) runs the host check to name the layers. The host
+sync in front of the updates (131-137 µs of host time in an unload of a 1B-shaped model on an
+H200) is gone; docs/results/performance.md has the measurements.
 """
 
 from __future__ import annotations
@@ -139,7 +140,7 @@ class _DeviceWork:
     keys: torch.Tensor  # int64: the stochastic groups' seeds, then the fills' (written by _seed_tables)
     zero_fills: list[_FillGroup]  # the B factors of the fills' layers (those contiguous and aligned)
     b_rest: list[torch.Tensor]  # the fills' layers' other B tensors (zeroed by a foreach op)
-    gate: torch.Tensor  # uint8 (1,): 1 while every update norm of the device is finite (update_norms_)
+    gate: torch.Tensor  # uint8 (1,): 1 if every update norm of the device is finite (set by update_norms_)
 
 
 class UnloadPlan:
