@@ -199,31 +199,40 @@ def unload_(
     args = dict(adapter_name=adapter_name, merge_precision=merge_precision, seed=seed, unload_index=unload_index,
                 on_nonfinite=on_nonfinite, residuals=residuals, landed_sample_rows=landed_sample_rows,
                 layers=layers, plan=plan)
-    stats, sums, gate = _enqueue_unload(model, momentum, **args)
-    if gate is not None:  # checked on the device: the gate comes with the statistics, in the one sync
-        *values, opened = torch.cat([sums, gate.to(sums.dtype)]).tolist()
-        if not opened:  # an adapter is not finite and nothing was written: find it on the host
-            stats, sums, _ = _enqueue_unload(model, momentum, **args, check_on_device=False)
-            values = sums.tolist() if sums is not None else (0.0, 0.0, 0.0)
-    else:
-        values = sums.tolist() if sums is not None else (0.0, 0.0, 0.0)  # the one sync after the updates
-    norm2, dot, den = values
+    stats, sums, used, on_device = _enqueue_unload(model, momentum, **args)
+    norm2, dot, den, opened = _results(sums, used)  # the one sync after the updates
+    if not opened and on_device:  # an adapter is not finite and nothing was written: find it on the host
+        stats, sums, used, _ = _enqueue_unload(model, momentum, **args, check_on_device=False)
+        norm2, dot, den, opened = _results(sums, used)
+    if not opened:  # the host check passed, yet a gate closed: the kernels wrote nothing
+        raise RuntimeError("plora: the unload's finiteness gate closed after its host check had passed; "
+                           "nothing was merged (an update norm at the edge of fp32's range?)")
     stats.update_norm = math.sqrt(max(norm2, 0.0))
     stats.landed_share = dot / den if den > 0 else 1.0
     stats.seconds = time.perf_counter() - start
     return stats
 
 
+def _results(sums: torch.Tensor | None, plan: UnloadPlan) -> tuple[float, float, float, bool]:
+    """(norm², landed·expected, expected², every gate open) from the device, in one read."""
+    gates = plan.gates()
+    if sums is None:
+        return 0.0, 0.0, 0.0, True
+    values = torch.cat([sums, *(g.to(sums.device, sums.dtype) for g in gates)]).tolist()
+    return values[0], values[1], values[2], all(values[3:])
+
+
 def _enqueue_unload(model, momentum, *, adapter_name, merge_precision, seed, unload_index, on_nonfinite, residuals,
                     landed_sample_rows, layers, plan, check_on_device=True
-                    ) -> tuple[UnloadStats, torch.Tensor | None, torch.Tensor | None]:
+                    ) -> tuple[UnloadStats, torch.Tensor | None, UnloadPlan, bool]:
     """``unload_`` up to its last host sync: every update enqueued, the statistics still on the device
     (so a benchmark can time the host's share alone).
 
     Returns the stats without the measured numbers, the device tensor (norm², landed·expected,
-    expected²) they come from (None when no layer was merged), and the plan's gate when the
-    finiteness check was left to the device (``UnloadPlan.check_(on_device=True)``; else None):
-    if it reads 0, nothing was written and the unload must be run again with ``check_on_device=False``.
+    expected²) they come from (None when no layer was merged), the plan that ran (its gates say
+    whether its kernels wrote: ``UnloadPlan.gates``), and whether the finiteness check was left to
+    the device (``UnloadPlan.check_(on_device=True)``): then a closed gate means an adapter is not
+    finite, nothing was written, and the unload must run again with ``check_on_device=False``.
     """
     if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 < momentum <= 1.0:
         raise ValueError(f"momentum must be in (0, 1], got {momentum!r}")
@@ -233,14 +242,15 @@ def _enqueue_unload(model, momentum, *, adapter_name, merge_precision, seed, unl
     kept = plan is not None  # the caller's plan serves the next unload too
     if plan is None:
         plan = UnloadPlan(adapted_layers(model, adapter_name) if layers is None else layers)
-    bad = plan.check_(merge_precision, momentum, residuals, on_device=check_on_device)
+    bad = plan.check_(merge_precision, momentum, residuals, on_device=check_on_device)  # None: on the device
     if bad and on_nonfinite == "raise":
         raise FloatingPointError(
             f"refusing to unload: the adapter holds NaN/Inf in {len(bad)} layer(s), e.g. {bad[:3]}; "
             "the base weights were not touched (set on_nonfinite='skip' to merge the healthy layers only)"
         )
     if bad:
-        warnings.warn(f"plora: skipped {len(bad)} layer(s) whose adapter holds NaN/Inf: {bad[:3]}", stacklevel=3)
+        # stacklevel: this function, unload_, torch.no_grad's wrapper, then unload_'s caller
+        warnings.warn(f"plora: skipped {len(bad)} layer(s) whose adapter holds NaN/Inf: {bad[:3]}", stacklevel=4)
         skipped = set(bad)
         plan = UnloadPlan([layer for layer in plan.layers if layer.name not in skipped])
         plan.refresh(merge_precision, momentum, residuals)
@@ -265,7 +275,7 @@ def _enqueue_unload(model, momentum, *, adapter_name, merge_precision, seed, unl
         plan.prepare_keys(seed, unload_index + 1)
     stats = UnloadStats(unload_index=unload_index, layers=len(plan.layers), update_norm=0.0, landed_share=1.0,
                         precision=dict(plan.modes), skipped=bad or [])
-    return stats, sums, plan.gate() if bad is None else None
+    return stats, sums, plan, bad is None
 
 
 def _merge_bias(layer: AdaptedLayer, momentum: float) -> None:

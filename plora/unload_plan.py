@@ -167,6 +167,7 @@ class UnloadPlan:
         self._keys = None
         self._graphs = GraphCache()  # the launch sequences of this plan's tables, as CUDA graphs
         self.device_checked = False  # set by refresh
+        self.host_check_next = False  # the last check found a non-finite adapter: check on the host
 
     # --- build and revalidate ---------------------------------------------------------------------
     def refresh(self, merge_precision: str, momentum: float, residuals: dict | None,
@@ -191,18 +192,23 @@ class UnloadPlan:
 
         ``on_device=True`` on a ``device_checked`` plan returns None instead, without a host sync:
         the norms have set the device's gate, and every kernel of the unload that writes reads it,
-        so a non-finite adapter makes the whole unload write nothing (``gate()`` tells afterwards)."""
+        so a non-finite adapter makes the whole unload write nothing (``gates()`` tell afterwards).
+        After a check that found a non-finite adapter, the next one runs on the host (an adapter
+        left non-finite under ``on_nonfinite='skip'`` would otherwise cost two passes each time)."""
         factor_ptrs, ahead = self.norms_ahead_()
         if self.refresh(merge_precision, momentum, residuals, factor_ptrs) or not ahead:
             self.update_norms_()
-        if on_device and self.device_checked:
+        if on_device and self.device_checked and not self.host_check_next:
             return None
-        return self.nonfinite(norms_current=True)
+        bad = self.nonfinite(norms_current=True)
+        self.host_check_next = bool(bad)
+        return bad
 
-    def gate(self) -> torch.Tensor:
-        """A device-checked plan's gate: uint8 (1,), 1 if the last norms were all finite (then the
-        unload's kernels wrote), 0 if not (then they wrote nothing)."""
-        return self._devices[0].gate
+    def gates(self) -> list[torch.Tensor]:
+        """Per device, its gate: uint8 (1,), 1 if the norms last computed were all finite (then the
+        writing kernels launched since wrote), 0 if not (then they wrote nothing). The kernels obey
+        it on every path; ``unload_`` reads it on every path, with the statistics."""
+        return [work.gate for work in self._devices]
 
     def norms_ahead_(self) -> tuple[list[int], bool]:
         """Launch ``update_norms_`` before the ``refresh`` that must follow, if the plan is built and

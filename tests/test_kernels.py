@@ -358,7 +358,7 @@ def check_gates(device):
             res0 = [torch.full((m, n), 1e-3, dtype=torch.bfloat16, device=device) if mode == "compensated" else None
                     for _ in range(count)]
             case = (layers, res0, [0.7, -1.3, 0.25][:count], [5, 6, 7][:count], fdtype, mode, device)
-            for options in (dict(), dict(has_stats=False)):
+            for options in (dict(), dict(has_stats=False), dict(sample_rows=1)):
                 got_w, got_r, _ = _run_grouped(*case, gate=gate(0), **options)
                 assert all(torch.equal(W, W0) for W, (W0, _, _) in zip(got_w, layers)), (mode, m, options)
                 assert all(r is None or torch.equal(r, r0) for r, r0 in zip(got_r, res0)), (mode, m, options)
@@ -382,7 +382,10 @@ def check_gates(device):
     L, R = torch.randn(20, 4, device=device), torch.randn(4, 30, device=device)
     bad = R.clone()
     bad[1, 2] = float("nan")
-    for factors, start, want in [((L, R), 1, 1), ((L, R), 0, 0), ((L, bad), 1, 0), ((L * 1e30, R * 1e30), 1, 0)]:
+    inf = L.clone()
+    inf[3, 0] = -float("inf")
+    for factors, start, want in [((L, R), 1, 1), ((L, R), 0, 0), ((L, bad), 1, 0), ((inf, R), 1, 0),
+                                 ((L * 1e30, R * 1e30), 1, 0)]:
         g = gate(start)
         update_norms_(norm_table([factors], [1.0], [0]), torch.zeros(1, 3, device=device), gate=g)
         assert g.item() == want, (start, want)

@@ -241,19 +241,26 @@ def check_nonfinite_is_caught_in_every_adapter_tensor(device):
         assert plan.nonfinite() == [layers[4].name]
 
 
+def wide_peft(device):
+    """Layers wide enough for the pipelined kernel (on a GPU), as a Sequential of four."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(256, 160), nn.Linear(256, 160), nn.Linear(160, 256), nn.Linear(128, 96))
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["0", "1", "2", "3"]))
+    randomise_adapters_(model, 0, scale=0.1)
+    return model.to(device, torch.bfloat16)
+
+
+def _same(a, b):
+    """Equal, NaN where NaN (NaN != NaN)."""
+    return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+
+
 def check_nonfinite_on_wide_layers_touches_nothing(device):
     """Layers wide enough for the pipelined kernel (on a GPU): a failed finiteness check leaves
     every weight and residual as it was; with on_nonfinite='skip' the healthy layers then get
     exactly what an unload without the bad one gives them."""
-    def build():
-        torch.manual_seed(0)
-        base = nn.Sequential(nn.Linear(256, 160), nn.Linear(256, 160), nn.Linear(160, 256), nn.Linear(128, 96))
-        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["0", "1", "2", "3"]))
-        randomise_adapters_(model, 0, scale=0.1)
-        return model.to(device, torch.bfloat16)
-
     for precision in ("compensated", "stochastic", "direct"):
-        model, clean = build(), build()
+        model, clean = wide_peft(device), wide_peft(device)
         residuals, clean_residuals = {}, {}
         plora.unload_(model, 0.5, merge_precision=precision, residuals=residuals, seed=5)
         plora.unload_(clean, 0.5, merge_precision=precision, residuals=clean_residuals, seed=5)
@@ -264,9 +271,8 @@ def check_nonfinite_on_wide_layers_touches_nothing(device):
         res_before = {n: r.clone() for n, r in residuals.items()}
         with pytest.raises(FloatingPointError, match="1 layer"):
             plora.unload_(model, 1.0, merge_precision=precision, residuals=residuals, seed=6, unload_index=1)
-        same = lambda a, b: torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())  # noqa: E731
-        assert all(same(before[n], t) for n, t in model.state_dict().items()), precision  # (NaN != NaN)
-        assert all(same(res_before[n], r) for n, r in residuals.items()), precision
+        assert all(_same(before[n], t) for n, t in model.state_dict().items()), precision
+        assert all(_same(res_before[n], r) for n, r in residuals.items()), precision
         with pytest.warns(UserWarning, match="skipped 1 layer"):
             stats = plora.unload_(model, 1.0, merge_precision=precision, residuals=residuals, seed=6,
                                   unload_index=1, on_nonfinite="skip")
@@ -341,44 +347,93 @@ def check_cached_plan_gives_the_throwaway_plans_result(device):
 
 def check_nonfinite_caught_by_a_kept_plan(device):
     """A NaN written in place into a factor of a plan that is reused (no rebuild, its norms launched
-    ahead of the refresh) is caught, in every merge precision, with nothing touched: weights,
-    residuals, A and B (the re-init is gated too); 'skip' then merges the other layers. The plan
-    leaves the check to the device (no host sync before the updates): a clean unload never reads
-    the norms on the host, a failing one once, to name the layer."""
-    for precision in ("compensated", "stochastic", "direct"):
-        model = stack_peft(device)
+    ahead of the refresh, its launches replayed as graphs on a GPU) is caught, in every merge
+    precision, with nothing touched: weights, residuals, A and B (the re-init is gated too); 'skip'
+    then merges the other layers. The plan leaves the check to the device (no host sync before
+    the updates): a clean unload never reads the norms on the host, a failing one once, to name the
+    layer. On layers the pipelined kernel updates (wide) and on small ones."""
+    for build in (stack_peft, wide_peft):
+        for precision in ("compensated", "stochastic", "direct"):
+            model = build(device)
+            plan = UnloadPlan(adapted_layers(model))
+            host_checks = []
+            real_nonfinite = plan.nonfinite
+            plan.nonfinite = lambda *a, **k: host_checks.append(1) or real_nonfinite(*a, **k)
+            residuals = {}
+            for i in range(3):
+                randomise_adapters_(model, seed=i, scale=0.1)
+                plora.unload_(model, 1.0, plan=plan, unload_index=i, merge_precision=precision, residuals=residuals)
+            assert plan.device_checked and host_checks == [], precision
+            randomise_adapters_(model, seed=5, scale=0.1)
+            bad = adapted_layers(model)[1]
+            with torch.no_grad():
+                bad.b_tensors()[0].view(-1)[2] = float("nan")
+            before = {n: t.clone() for n, t in model.state_dict().items()}
+            res_before = {n: r.clone() for n, r in residuals.items()}
+            w0, a_bad, b_bad = _weights(model), bad.adapter_tensors()[0].clone(), bad.b_tensors()[0].clone()
+            with pytest.raises(FloatingPointError, match="1 layer"):
+                plora.unload_(model, 1.0, plan=plan, unload_index=3, merge_precision=precision, residuals=residuals)
+            assert host_checks == [1], precision
+            assert all(_same(before[n], t) for n, t in model.state_dict().items()), precision
+            assert all(_same(res_before[n], r) for n, r in residuals.items()), precision
+            with pytest.warns(UserWarning, match="skipped 1 layer"):
+                stats = plora.unload_(model, 1.0, plan=plan, unload_index=3, on_nonfinite="skip",
+                                      merge_precision=precision, residuals=residuals)
+            assert stats.skipped == [bad.name]
+            for layer in adapted_layers(model):  # the bad layer as it was; the others merged and re-initialised
+                B = layer.b_tensors()[0]
+                if layer.name == bad.name:
+                    assert _same(w0[layer.name], layer.weight) and _same(b_bad, B), precision
+                    assert torch.equal(a_bad, layer.adapter_tensors()[0]), precision
+                else:
+                    assert not torch.equal(w0[layer.name], layer.weight) and not B.any(), (precision, layer.name)
+
+
+def check_refused_unload_touches_nothing_on_every_path(device):
+    """A plan that cannot leave the check to the device (momentum < 1, gaussian init, a B the zero
+    fill cannot write) checks on the host before any write: a refused unload touches nothing. And
+    a kept plan whose device check refused an unload merges again, bit for bit as a twin that never
+    failed, once its adapter is healthy (the gate reopens at every unload)."""
+    def refused(model, momentum, expect_device_checked):
         plan = UnloadPlan(adapted_layers(model))
-        host_checks = []
-        real_nonfinite = plan.nonfinite
-        plan.nonfinite = lambda *a, **k: host_checks.append(1) or real_nonfinite(*a, **k)
-        residuals = {}
-        for i in range(2):
-            randomise_adapters_(model, seed=i, scale=0.1)
-            plora.unload_(model, 1.0, plan=plan, unload_index=i, merge_precision=precision, residuals=residuals)
-        assert plan.device_checked and host_checks == [], precision
-        randomise_adapters_(model, seed=5, scale=0.1)
-        bad = adapted_layers(model)[3]
+        plora.unload_(model, momentum, plan=plan, unload_index=0)
+        assert plan.device_checked == expect_device_checked
+        randomise_adapters_(model, seed=1, scale=0.1)
         with torch.no_grad():
-            bad.b_tensors()[0].view(-1)[2] = float("nan")
+            adapted_layers(model)[2].adapter_tensors()[0].view(-1)[1] = float("nan")
         before = {n: t.clone() for n, t in model.state_dict().items()}
-        res_before = {n: r.clone() for n, r in residuals.items()}
-        w0, b_bad = _weights(model), bad.b_tensors()[0].clone()
         with pytest.raises(FloatingPointError, match="1 layer"):
-            plora.unload_(model, 1.0, plan=plan, unload_index=2, merge_precision=precision, residuals=residuals)
-        assert host_checks == [1], precision
-        same = lambda a, b: torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())  # noqa: E731
-        assert all(same(before[n], t) for n, t in model.state_dict().items()), precision  # (NaN != NaN)
-        assert all(same(res_before[n], r) for n, r in residuals.items()), precision
-        with pytest.warns(UserWarning, match="skipped 1 layer"):
-            stats = plora.unload_(model, 1.0, plan=plan, unload_index=2, on_nonfinite="skip",
-                                  merge_precision=precision, residuals=residuals)
-        assert stats.skipped == [bad.name]
-        for layer in adapted_layers(model):  # the bad layer as it was; the others merged and re-initialised
-            B = layer.b_tensors()[0]
-            if layer.name == bad.name:
-                assert same(w0[layer.name], layer.weight) and same(b_bad, B), precision
-            else:
-                assert not torch.equal(w0[layer.name], layer.weight) and not B.any(), (precision, layer.name)
+            plora.unload_(model, momentum, plan=plan, unload_index=1)
+        assert all(_same(before[n], t) for n, t in model.state_dict().items())
+        return plan
+
+    refused(stack_peft(device), 0.5, False)
+    torch.manual_seed(0)
+    targets = ["square.0", "square.1", "square.2", "narrow.0", "narrow.1", "wide"]
+    gaussian = get_peft_model(Stack(), LoraConfig(r=4, target_modules=targets, init_lora_weights="gaussian"))
+    randomise_adapters_(gaussian, 0, scale=0.1)
+    refused(gaussian.to(device, torch.bfloat16), 1.0, False)
+    strided = stack_peft(device)
+    B = adapted_layers(strided)[4].b_tensors()[0]
+    B.data = B.data.T.contiguous().T  # the same values, column-major: the zero fill needs contiguous
+    refused(strided, 1.0, False)
+
+    model, twin = stack_peft(device), stack_peft(device)
+    plan = refused(model, 1.0, True)
+    twin_plan = UnloadPlan(adapted_layers(twin))  # what the model went through, without the NaN
+    plora.unload_(twin, 1.0, plan=twin_plan, unload_index=0)
+    randomise_adapters_(twin, seed=1, scale=0.1)
+    with torch.no_grad():  # the adapter made healthy again, in place: the twin's values
+        for mine, its in zip(adapted_layers(model), adapted_layers(twin)):
+            for t, u in zip(mine.adapter_tensors(), its.adapter_tensors()):
+                t.copy_(u)
+            assert torch.equal(mine.weight, its.weight)
+    for index in (2, 3):
+        plora.unload_(model, 1.0, plan=plan, unload_index=index)
+        plora.unload_(twin, 1.0, plan=twin_plan, unload_index=index)
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), twin.state_dict().values())), index
+        randomise_adapters_(model, seed=index, scale=0.1)
+        randomise_adapters_(twin, seed=index, scale=0.1)
 
 
 CHECKS = [
@@ -393,6 +448,7 @@ CHECKS = [
     check_nonfinite_on_wide_layers_touches_nothing,
     check_cached_plan_gives_the_throwaway_plans_result,
     check_nonfinite_caught_by_a_kept_plan,
+    check_refused_unload_touches_nothing_on_every_path,
 ]
 
 
