@@ -207,18 +207,27 @@ def host_times(shape: str, device: str, mode: str, warmup: int, reps: int) -> di
     return {"shape": shape, "mode": mode, "layers": count, "host_only": rows}
 
 
+def _phases(rows: list[dict]) -> tuple[list[str], list[float], float]:
+    """The phases the unloads ran (in ``PHASES``' order), each one's median host time, and the
+    median of the rest of the wall time (what no phase covers)."""
+    labels = sorted({k for r in rows for k in r["phases_host_us"]}, key=list(PHASES.values()).index)
+    medians = [statistics.median(r["phases_host_us"].get(lb, 0.0) for r in rows) for lb in labels]
+    rest = statistics.median(r["wall_us"] - sum(r["phases_host_us"].values()) for r in rows)
+    return labels, medians, rest
+
+
+def _table(head: list[str], cells: list[float]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + " ---: |" * len(head), "| " + " | ".join(f"{c:.0f}" for c in cells) + " |"]
+
+
 def report_host(result: dict) -> str:
     rows = result["host_only"]
-    labels = sorted({k for r in rows for k in r["phases_host_us"]}, key=list(PHASES.values()).index)
-    med = {lb: statistics.median(r["phases_host_us"].get(lb, 0.0) for r in rows) for lb in labels}
-    wall = statistics.median(r["wall_us"] for r in rows)
-    rest = statistics.median(r["wall_us"] - sum(r["phases_host_us"].values()) for r in rows)
+    labels, medians, rest = _phases(rows)
     return "\n".join([
         f"### {result['shape']}, {result['mode']}: {result['layers']} layers, host time by phase, no profiler, "
-        f"{len(rows)} unloads (medians, µs)",
-        "", "| wall | " + " | ".join(f"host: {lb}" for lb in labels) + " | host: the rest (statistics sync included) |",
-        "| ---: | " + " | ".join("---:" for _ in labels) + " | ---: |",
-        f"| {wall:.0f} | " + " | ".join(f"{med[lb]:.0f}" for lb in labels) + f" | {rest:.0f} |", ""])
+        f"{len(rows)} unloads (medians, µs)", "",
+        *_table(["wall", *(f"host: {lb}" for lb in labels), "host: the rest (statistics sync included)"],
+                [statistics.median(r["wall_us"] for r in rows), *medians, rest]), ""])
 
 
 def report(result: dict) -> str:
@@ -228,20 +237,16 @@ def report(result: dict) -> str:
         values = [r[key] for r in rows if r[key] is not None]
         return statistics.median(values) if values else float("nan")
 
-    labels = sorted({k for r in rows for k in r["phases_host_us"]}, key=list(PHASES.values()).index)
-    lines = [f"### {result['shape']}, {result['mode']}: {result['layers']} layers, {len(rows)} profiled unloads "
-             "(medians, µs)", "",
-             "| wall | GPU busy | GPU idle | kernels | first update kernel after | "
-             + " | ".join(f"host: {label}" for label in labels) + " | host: the rest (torch-path layers, statistics sync) |",
-             "| ---: | ---: | ---: | ---: | ---: | " + " | ".join("---:" for _ in labels) + " | ---: |"]
-    rest = statistics.median(r["wall_us"] - sum(r["phases_host_us"].values()) for r in rows)
-    lines.append(f"| {med('wall_us'):.0f} | {med('gpu_busy_us'):.0f} | {med('wall_us') - med('gpu_busy_us'):.0f} | "
-                 f"{med('kernels'):.0f} | {med('first_update_kernel_after_us'):.0f} | "
-                 + " | ".join(f"{statistics.median(r['phases_host_us'].get(lb, 0.0) for r in rows):.0f}"
-                              for lb in labels) + f" | {rest:.0f} |")
-    lines += ["", "GPU time by kernel (last unload, µs): " + ", ".join(
-        f"{name} {us:.0f}" for name, us in list(rows[-1]["kernel_us_by_name"].items())[:8]), ""]
-    return "\n".join(lines)
+    labels, medians, rest = _phases(rows)
+    return "\n".join([
+        f"### {result['shape']}, {result['mode']}: {result['layers']} layers, {len(rows)} profiled unloads "
+        "(medians, µs)", "",
+        *_table(["wall", "GPU busy", "GPU idle", "kernels", "first update kernel after",
+                 *(f"host: {lb}" for lb in labels), "host: the rest (torch-path layers, statistics sync)"],
+                [med("wall_us"), med("gpu_busy_us"), med("wall_us") - med("gpu_busy_us"), med("kernels"),
+                 med("first_update_kernel_after_us"), *medians, rest]),
+        "", "GPU time by kernel (last unload, µs): " + ", ".join(
+            f"{name} {us:.0f}" for name, us in list(rows[-1]["kernel_us_by_name"].items())[:8]), ""])
 
 
 def main(argv=None) -> int:
