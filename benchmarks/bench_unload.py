@@ -9,7 +9,8 @@ after a warm-up, in one run on one device:
   64 rows per layer included, as in training), per ``merge_precision`` direct / compensated /
   stochastic, reusing one ``UnloadPlan`` as ``PeriodicUnloader`` does. Its ``host us/layer`` is
   the time the host takes to enqueue the unload (``plora.unload._enqueue_unload``: everything up to
-  the final statistics sync, the finiteness check's sync included) divided by the number of
+  the final statistics sync; the finiteness check's sync included where the plan checks on the
+  host, which a device-checked plan does only for a non-finite adapter) divided by the number of
   layers: the overhead the grouped launches are there to keep small.
 - ``update only <mode>``: just the weight updates of those unloads (``addmm_`` for direct, the
   grouped launches of the plan for all three modes, with their statistics on the same 64 sampled

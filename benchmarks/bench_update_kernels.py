@@ -32,9 +32,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_unload import BYTES_PER_ELEMENT, MODES, RANK, SHAPES, Clock, copy_bandwidth  # noqa: E402
-
-MODE_ID = {mode: i for i, mode in enumerate(MODES)}  # the kernels' MODE constant
+from bench_unload import (  # noqa: E402
+    BYTES_PER_ELEMENT, MODES, RANK, SHAPES, Block, Clock, _triton_version, copy_bandwidth)
+from kernel_resources import MODES as MODE_ID  # noqa: E402  (the kernels' MODE constant per mode)
 
 
 def int_list(text: str) -> list[int]:
@@ -82,10 +82,11 @@ class Group:
 
 
 def model_groups(shape, device):
+    """One ``Group`` per weight shape of ``bench_unload``'s decoder block, times its layer count."""
     hidden, intermediate, layers, kv = SHAPES[shape]
     counts = {}
-    for m, n in [(hidden, hidden)] * 2 + [(kv, hidden)] * 2 + [(intermediate, hidden)] * 2 + [(hidden, intermediate)]:
-        counts[(m, n)] = counts.get((m, n), 0) + layers
+    for linear in Block(hidden, intermediate, kv, "meta", torch.bfloat16).children():
+        counts[tuple(linear.weight.shape)] = counts.get(tuple(linear.weight.shape), 0) + layers
     return [Group(m, n, c, device) for (m, n), c in counts.items()]
 
 
@@ -202,8 +203,8 @@ def main(argv=None) -> int:
     time_row("ceiling: torch add_(1) in place, every weight", "-", lambda gs: [w.add_(1) for g in gs for w in g.W])
     time_row("ceiling: in-place W += 1, the update's tiles and grid", "-", inplace_add())
     for mode in args.modes:
-        triton_kernel = plora_update(mode, pipelined=False)
-        time_row("plora default (grouped_update_)", mode, plora_update(mode), same_bits(groups, plora_update(mode), triton_kernel, mode))
+        triton_kernel, default = plora_update(mode, pipelined=False), plora_update(mode)
+        time_row("plora default (grouped_update_)", mode, default, same_bits(groups, default, triton_kernel, mode))
         time_row("plora triton update_tile (pipelined=False)", mode, triton_kernel)  # the reference itself
         for rt in args.row_tiles:
             for st in args.stages:
@@ -215,9 +216,7 @@ def main(argv=None) -> int:
             fn = variant(name, mode)
             time_row(label, mode, fn, None if name == "cuda_core" else same_bits(groups, fn, triton_kernel, mode))
 
-    import triton
-
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {_triton_version()}; "
           f"{args.model} linear shapes, {elements / 1e9:.2f} G elements, rank {RANK} fp32 factors; "
           f"copy bandwidth {copy_bps / 1e9:.0f} GB/s; median of {args.reps}\n")
     print("| kernel | mode | ms | share of copy bandwidth | same bits as the triton kernel |")

@@ -6,12 +6,15 @@ registers per thread takes 32 * W * R registers. This compiles each kernel confi
 triton's own CUDA backend (no GPU needed), reads the register count from the cubin with the
 ``cuobjdump`` triton ships, and prints how many programs (and warps) fit per SM by registers and
 by shared memory, and counts the block-wide barriers (``bar.sync``: layout conversions through
-shared memory) in the PTX. It explains, it does not time: speed comes from ``bench_unload.py`` on
-a GPU.
+shared memory) in the PTX. The update kernels are compiled with the finiteness gate, as
+``UnloadPlan`` launches them (the single-layer kernel has none). A second table does the same for
+the update norms' Gram kernel (``factor_grams``) at plora's options and at ``--norm-variants``. It
+explains, it does not time: speed comes from ``bench_unload.py`` on a GPU.
 
     python benchmarks/kernel_resources.py                 # grouped kernel per mode and tile, single-layer kernel,
-                                                          # and the pipelined Gluon kernel per mode
+                                                          # the pipelined Gluon kernel per mode, the norm kernel
     python benchmarks/kernel_resources.py --tiles 32x128x4,64x128x4
+    python benchmarks/kernel_resources.py --norm-variants 4096:16:4:tf32x3:1,4096:32:2:ieee:1
 """
 
 from __future__ import annotations
@@ -167,9 +170,10 @@ def norm_rows(variants: list[dict]) -> list[str]:
     from plora import kernels
 
     defaults = {n: p.default for n, p in inspect.signature(kernels.update_norms_).parameters.items()}
-    default = {k: defaults[k] for k in ("programs", "chunk", "warps", "precision", "stages")}
+    compiled = ("chunk", "warps", "precision", "stages")  # (programs is a launch choice)
+    default = {k: defaults[k] for k in compiled}
     rows = []
-    for i, v in enumerate([default] + [v for v in variants if v != default]):
+    for i, v in enumerate([default] + [v for v in variants if {k: v[k] for k in compiled} != default]):
         constants = {"FACTOR_DTYPE": tl.float32, "BLOCK_K": 16, "CHUNK": v["chunk"], "KPAD": 16,
                      "PRECISION": v["precision"]}
         k = compile_sm90(kernels.factor_grams, NORM_SIGNATURE, constants, ["TABLE", "GRAMS"], v["warps"],
@@ -181,6 +185,15 @@ def norm_rows(variants: list[dict]) -> list[str]:
                     f"{stack} | {shared / 1024:.0f} | {occ['programs']} ({occ['by_registers']}, "
                     f"{occ['by_shared']}) |")
     return rows
+
+
+def update_row(kind: str, mode: str, stats: bool, tile: str, warps: int, kernel) -> str:
+    """One row of the update kernels' table, for a compiled kernel."""
+    (regs, stack), shared = registers(kernel), kernel.metadata.shared
+    occ = occupancy(regs, shared, warps)
+    return (f"| {kind} | {mode} | {'yes' if stats else 'no'} | {tile} | {warps} | {regs} | {stack} | "
+            f"{shared / 1024:.0f} | {occ['programs']} ({occ['by_registers']}, {occ['by_shared']}) | "
+            f"{occ['warps']} | {kernel.asm['ptx'].count('bar.sync')} |")
 
 
 def main(argv=None) -> int:
@@ -219,28 +232,20 @@ def main(argv=None) -> int:
         constants = {"MODE": MODES[mode], "HAS_RES": mode == "compensated", "HAS_STATS": stats,
                      "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 16}
         if kind == "grouped":
-            constants.update(FACTOR_DTYPE=tl.float32, STORE=True, LOAD_FIRST=args.load_first)
+            constants.update(FACTOR_DTYPE=tl.float32, STORE=True, LOAD_FIRST=args.load_first, GATED=True)
             k = compile_sm90(kernels.unload_tile_grouped, GROUPED, constants, GROUPED_ALIGNED, warps,
                              args.max_registers)
         else:
             k = compile_sm90(kernels.unload_tile, SINGLE, constants, SINGLE_ALIGNED, warps, args.max_registers)
-        (regs, stack), shared = registers(k), k.metadata.shared
-        occ = occupancy(regs, shared, warps)
-        print(f"| {kind} | {mode} | {'yes' if stats else 'no'} | {bm}x{bn} | {warps} | {regs} | {stack} | "
-              f"{shared / 1024:.0f} | "
-              f"{occ['programs']} ({occ['by_registers']}, {occ['by_shared']}) | {occ['warps']} | "
-              f"{k.asm['ptx'].count('bar.sync')} |")
+        print(update_row(kind, mode, stats, f"{bm}x{bn}", warps, k))
     try:
         from plora import kernels_gluon as kg
     except ImportError:
         kg = None
-    for mode, mode_id in MODES.items() if kg is not None else ():  # plora's pipelined update pass (no statistics)
-        k = compile_pipelined_sm90(mode_id)
-        (regs, stack), shared = registers(k), k.metadata.shared
-        occ = occupancy(regs, shared, kg.WARPS)
-        print(f"| pipelined (Gluon) | {mode} | no | {kg.BLOCK_M}x{kg.BLOCK_N} | {kg.WARPS} | {regs} | {stack} | "
-              f"{shared / 1024:.0f} | {occ['programs']} ({occ['by_registers']}, {occ['by_shared']}) | "
-              f"{occ['warps']} | {k.asm['ptx'].count('bar.sync')} |")
+    if kg is not None:  # plora's pipelined update pass (no statistics)
+        for mode, mode_id in MODES.items():
+            print(update_row("pipelined (Gluon)", mode, False, f"{kg.BLOCK_M}x{kg.BLOCK_N}", kg.WARPS,
+                             compile_pipelined_sm90(mode_id)))
     print("\n| kernel | rows per step | warps | precision | stages | registers/thread | spill stack B | shared KiB | "
           "programs/SM (by registers, by shared) |")
     print("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | --- |")

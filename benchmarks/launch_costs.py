@@ -75,7 +75,7 @@ def plan_launches(shape: str) -> None:
     plan = UnloadPlan(layers)
     for i in range(2):
         unload_(model, merge_precision="direct", layers=layers, plan=plan, unload_index=i)
-    print(shape, "plan.update_norms_ (zeros + 2 launches)", per_call(plan.update_norms_, 50))
+    print(shape, "plan.update_norms_ (gate fill, zeros + 2 launches)", per_call(plan.update_norms_, 50))
     print(shape, "plan._factor_pointers", per_call(plan._factor_pointers, 50))
     print(shape, "plan.refresh", per_call(lambda: plan.refresh("direct", 1.0, None), 50))
     print(shape, "plan.nonfinite (sync)", per_call(plan.nonfinite, 50))
@@ -86,28 +86,32 @@ def plan_launches(shape: str) -> None:
     print(shape, "grouped_update_ one group, no stats (1 gluon launch)",
           per_call(lambda: kernels.grouped_update_(*group, has_stats=False), 20))
     print(shape, "update_fused_ all groups", per_call(lambda: plan.update_fused_(0, 5, 64, norms=False), 20))
+    updates = graph_of(lambda: plan.update_fused_(0, 5, 64, norms=False))
+    print(shape, "CUDA graph replay of update_fused_", per_call(updates.replay, 20))
+    print(shape, "CUDA graph replay of update_norms_", per_call(graph_of(plan.update_norms_).replay, 50))
+
+
+def graph_of(fn) -> torch.cuda.CUDAGraph:
+    """``fn``'s launches captured as a CUDA graph, after two warm-up runs on a side stream."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(2):
-            plan.update_fused_(0, 5, 64, norms=False)
+            fn()
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
-    updates = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(updates):
-        plan.update_fused_(0, 5, 64, norms=False)
-    print(shape, "CUDA graph replay of update_fused_", per_call(updates.replay, 20))
-    norms = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(norms):
-        plan.update_norms_()
-    print(shape, "CUDA graph replay of update_norms_", per_call(norms.replay, 50))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
 
 
 def main() -> int:
     if not torch.cuda.is_available():
         print("launch_costs.py needs a CUDA device", file=sys.stderr)
         return 1
-    try:  # the plan's own CUDA graphs (from a0694fd on): off, so that every launch above is eager
+    try:  # the plan's own CUDA graphs (from a0694fd on; absent on older checkouts): off, so that
+        # every launch above is eager
         from plora import cuda_graphs
 
         cuda_graphs.ENABLED = False

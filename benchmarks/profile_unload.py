@@ -50,10 +50,8 @@ GPU_WORK = ("kernel", "gpu_memcpy", "gpu_memset")  # what occupies the GPU in a 
 def wrapped_phases(plan: UnloadPlan, around):
     """Run each of the plan's phase methods inside ``around(label)`` (a context manager), for this
     block only."""
-    saved = []
     for method, label in PHASES.items():
         original = getattr(plan, method)
-        saved.append(method)
 
         def wrapped(*args, _original=original, _label=label, **kwargs):
             with around(_label):
@@ -63,7 +61,7 @@ def wrapped_phases(plan: UnloadPlan, around):
     try:
         yield
     finally:
-        for method in saved:
+        for method in PHASES:
             delattr(plan, method)  # the instance attribute goes; the class's method shows through
 
 

@@ -557,8 +557,9 @@ def grouped_update_(
     triton statistics pass); W gets the same bits either way. ``row_tiles`` (benchmark) sets its row
     tiles per program.
     ``gate``: a uint8 (1,) tensor on the device; 0 there makes the update pass store nothing (W and
-    the residual stay as they are; it still loads and computes, and the statistics are garbage), so a caller can decide on the device, after launching,
-    whether the update happens (``UnloadPlan``'s finiteness check without a host sync).
+    the residual stay as they are; it still loads and computes, and the statistics are garbage), so
+    a caller can decide on the device, after launching, whether the update happens (``UnloadPlan``'s
+    finiteness check without a host sync).
     """
     M, N, K = shape
     G = ptrs.shape[1]

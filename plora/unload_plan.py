@@ -269,12 +269,12 @@ class UnloadPlan:
             if t is not None)
         self._b_all = _by_device_and_dtype((t, None) for layer in self.layers for t in layer.b_tensors())
         filled = {name for work in self._devices for fill in work.fills for name in fill.names}
-        self._b_filled = _by_device_and_dtype((t, None) for work in self._devices for t in work.b_rest)
+        self._b_rest = _by_device_and_dtype((t, None) for work in self._devices for t in work.b_rest)
         self.torch_reinit = [layer for layer in self.layers if layer.name not in filled]
         # every tensor an unload writes is written by a kernel that reads its device's gate: the
         # finiteness check can then stay on the device (check_(on_device=True))
         self.device_checked = (len(self._devices) == 1 and momentum == 1.0 and not self.torch_work
-                               and not self.bias_layers and not self.torch_reinit and not self._b_filled
+                               and not self.bias_layers and not self.torch_reinit and not self._b_rest
                                and not self._finite)
 
     def _device_work(self, fused: dict, momentum: float) -> list[_DeviceWork]:
@@ -458,7 +458,7 @@ class UnloadPlan:
                             kernels.kaiming_fill_(fill.ptrs, keys, fill.numel, fill.bound, fill.dtype, gate=work.gate)
                         for fill in work.zero_fills:
                             kernels.kaiming_fill_(fill.ptrs, None, fill.numel, 0.0, fill.dtype, gate=work.gate)
-                for device, groups in self._b_filled.items():
+                for device, groups in self._b_rest.items():
                     with _on(device):
                         for tensors, _ in groups:
                             torch._foreach_zero_(tensors)
