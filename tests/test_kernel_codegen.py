@@ -178,6 +178,7 @@ def test_pipelined_update_streams_w_in_16_byte_pieces(mode, factor):
     assert "ld.shared.v4.b32" in ptx
     ops = _memory_ops(ptx)
     assert "st.global.v4.b32" in ops and "st.global.b16" not in ops, ops
+    assert not any(op.startswith("ld.global.v") for op in ops), ops  # no W tile through registers
 
 
 def test_kernel_resources_lists_the_norm_kernel_default_first():

@@ -347,7 +347,7 @@ def check_gates(device):
     """A closed gate (0) makes the writing kernels write nothing: the grouped update (W and the
     residual, with and without its statistics), the kaiming fill and the zero fill; an open one
     (1) gives the ungated bits. The norms close an open gate on a non-finite norm, and never open one."""
-    from plora.kernels import MODES, grouped_update_, kaiming_fill_, norm_table, update_norms_  # noqa: F401
+    from plora.kernels import MODES, kaiming_fill_, norm_table, update_norms_
 
     def gate(value):
         return torch.full((1,), value, dtype=torch.uint8, device=device)
@@ -375,6 +375,10 @@ def check_gates(device):
         kaiming_fill_(ptrs, keys_, 2400, 0.1, torch.float32, gate=gate(0))
         assert all((t == 2.0).all() for t in tensors)
     kaiming_fill_(ptrs, keys, 2400, 0.1, torch.float32, gate=gate(1))
+    ungated = [torch.empty_like(t) for t in tensors]
+    kaiming_fill_(torch.tensor([t.data_ptr() for t in ungated], dtype=torch.int64, device=device), keys, 2400, 0.1,
+                  torch.float32)
+    assert all(torch.equal(t, u) for t, u in zip(tensors, ungated))  # an open gate: the ungated values
     assert all((t.abs() <= 0.1).all() and t.count_nonzero() == t.numel() for t in tensors)
     kaiming_fill_(ptrs, None, 2400, 0.1, torch.float32, gate=gate(1))
     assert all(not t.any() and not t.signbit().any() for t in tensors)  # +0, as zero_() writes
@@ -452,16 +456,23 @@ PIPELINED = [
 ]
 
 
+sm80 = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0),
+                          reason="the pipelined kernel needs sm_80 or newer")
+
+
 @cuda
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0),
-                    reason="the pipelined kernel needs sm_80 or newer")
-def test_pipelined_update_gives_the_triton_kernels_bits_on_cuda():
+@sm80
+def test_pipelined_update_gives_the_triton_kernels_bits_on_cuda(monkeypatch):
     """The Gluon pipelined update pass writes every bit of W (and the residual) the per-layer triton
     kernel writes, for every mode, at any number of row tiles per program, with and without sampled
     statistics (which the triton statistics pass computes)."""
+    from plora import kernels
     from plora.kernels import MODES, fused_update_, pipelined_available
 
     assert pipelined_available(torch.device("cuda"), 128, 32)
+    pipelined_launches = []
+    real_update = kernels._gluon.update_
+    monkeypatch.setattr(kernels._gluon, "update_", lambda *a, **k: pipelined_launches.append(1) or real_update(*a, **k))
     for mode in MODES:
         for m, n, r, fdtype, tr, count in PIPELINED:
             layers = [_inputs(m, n, r, fdtype, tr, "cuda", seed=i) for i in range(count)]
@@ -478,7 +489,9 @@ def test_pipelined_update_gives_the_triton_kernels_bits_on_cuda():
             for options in (dict(has_stats=False, pipelined=True), dict(has_stats=False, pipelined=True, row_tiles=1),
                             dict(has_stats=False, pipelined=True, row_tiles=2),
                             dict(sample_rows=32)):  # the default dispatch: statistics pass, then the pipelined update
+                pipelined_launches.clear()
                 got_w, got_r, stats = _run_grouped(*case, **options)
+                assert pipelined_launches == [1], (mode, m, n, options)  # the Gluon kernel did the update
                 for i, (W, res) in enumerate(want):
                     assert torch.equal(got_w[i], W), (mode, m, n, i, options)
                     if res is not None:
@@ -489,8 +502,11 @@ def test_pipelined_update_gives_the_triton_kernels_bits_on_cuda():
 
 
 @cuda
+@sm80
 def test_pipelined_update_refuses_what_it_cannot_do_on_cuda():
     from plora.kernels import grouped_update_, pipelined_available
+
+    assert pipelined_available(torch.device("cuda"), 256, 32)  # the refusals below are the shapes'
 
     layers = [_inputs(40, 256, 40, torch.float32, False, "cuda")]
     args = (_group_tables(layers, [None], "cuda"), torch.ones(1, device="cuda"), None,

@@ -31,21 +31,18 @@ def _positions(layout):
     return out
 
 
-@pytest.mark.parametrize("tile", [(32, 128, 4), (16, 128, 4), (64, 256, 8), (32, 64, 2)])
+@pytest.mark.parametrize("tile", [(kernels_gluon.BLOCK_M, kernels_gluon.BLOCK_N, kernels_gluon.WARPS),
+                                  (16, 128, 4), (64, 256, 8), (32, 64, 2)])
 def test_tile_layout_places_every_element_once_in_16_byte_runs(tile):
     bm, bn, warps = tile
     layout = kernels_gluon.tile_layout(bm, bn, warps)
     positions = _positions(layout)
     assert sorted(positions.values()) == [(r, c) for r in range(bm) for c in range(bn)]  # a bijection
     run = 2 * bn // (8 * warps)  # REPS * 2 columns per thread, consecutive registers
+    assert run * 2 >= 16  # bf16: each run is at least one 16-byte load and store
     for (reg, lane, warp), (row, col) in positions.items():
         if reg % run:  # the registers of a run: same row, the next column
             assert positions[(reg - 1, lane, warp)] == (row, col - 1)
-
-
-def test_the_kernels_tile_moves_16_byte_pieces():
-    run = 2 * kernels_gluon.BLOCK_N // (8 * kernels_gluon.WARPS)  # consecutive columns per thread (above)
-    assert run * 2 >= 16  # bf16: each run is at least one 16-byte load and store
 
 
 def test_tile_layout_refuses_a_tile_it_cannot_relabel():

@@ -60,10 +60,11 @@ class GPT2Stack(nn.Module):
         return x
 
 
-def stack_peft(device, tied=False):
+def stack_peft(device, tied=False, **lora):
+    """``Stack`` with LoRA r=4 on every layer (``lora``: more ``LoraConfig`` arguments), random adapters."""
     torch.manual_seed(0)
     targets = ["square.0", "square.1", "square.2", "narrow.0", "narrow.1", "wide"]
-    model = get_peft_model(Stack(tied), LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    model = get_peft_model(Stack(tied), LoraConfig(r=4, lora_alpha=8, target_modules=targets, **lora))
     randomise_adapters_(model, 0, scale=0.1)
     return model.to(device, torch.bfloat16)
 
@@ -221,12 +222,8 @@ def check_nonfinite_layer_is_skipped_on_the_fused_path(device):
 def check_nonfinite_is_caught_in_every_adapter_tensor(device):
     """B (through the update norm of the fused layers), A with -Inf, and a fused layer's lora_bias
     (through its own norm) are each caught before any weight is touched."""
-    torch.manual_seed(0)
-    targets = ["square.0", "square.1", "square.2", "narrow.0", "narrow.1", "wide"]
     for where in ("B", "A", "bias"):
-        model = get_peft_model(Stack(), LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_bias=True))
-        randomise_adapters_(model, 0, scale=0.1)
-        model = model.to(device, torch.bfloat16)
+        model = stack_peft(device, lora_bias=True)
         layers = adapted_layers(model)
         bad = layers[4].module
         with torch.no_grad():
@@ -242,7 +239,9 @@ def check_nonfinite_is_caught_in_every_adapter_tensor(device):
 
 
 def wide_peft(device):
-    """Layers wide enough for the pipelined kernel (on a GPU), as a Sequential of four."""
+    """Layers wide enough for the pipelined kernel (on a GPU), as a Sequential of four; the last
+    (96 rows: three row tiles, too few to sample 64 rows from) sums its statistics in the triton
+    update pass instead."""
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(256, 160), nn.Linear(256, 160), nn.Linear(160, 256), nn.Linear(128, 96))
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["0", "1", "2", "3"]))
@@ -408,11 +407,7 @@ def check_refused_unload_touches_nothing_on_every_path(device):
         return plan
 
     refused(stack_peft(device), 0.5, False)
-    torch.manual_seed(0)
-    targets = ["square.0", "square.1", "square.2", "narrow.0", "narrow.1", "wide"]
-    gaussian = get_peft_model(Stack(), LoraConfig(r=4, target_modules=targets, init_lora_weights="gaussian"))
-    randomise_adapters_(gaussian, 0, scale=0.1)
-    refused(gaussian.to(device, torch.bfloat16), 1.0, False)
+    refused(stack_peft(device, init_lora_weights="gaussian"), 1.0, False)
     strided = stack_peft(device)
     B = adapted_layers(strided)[4].b_tensors()[0]
     B.data = B.data.T.contiguous().T  # the same values, column-major: the zero fill needs contiguous
