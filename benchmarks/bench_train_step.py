@@ -21,12 +21,16 @@ For PLoRA the unloader's call is timed apart from the training step, in the same
   not depend on how often it runs (it always moves the whole adapter), so this is what a window of
   100 steps with one unload costs per step, measured without running 100 steps.
 
+With ``--paired``, LoRA and the PLoRA variants are then built again side by side and stepped in
+turn, one step each per round: each PLoRA step is divided by the LoRA step of its own round, so the
+drift of the machine between variants (several percent on a small, launch-bound model) cancels.
+
 Peak memory is ``max_memory_allocated`` from the variant's build to its last step (weights,
 optimizer state, activations and, for compensated, the residuals). Targets: PLoRA/LoRA step time
 <= 1.03 unloading every step and <= 1.005 every 100 steps; PLoRA/LoRA peak memory <= 1.01.
 
     python benchmarks/bench_train_step.py --json train_step.json                  # GPU, < 4 min on an H200
-    python benchmarks/bench_train_step.py --model DIR --json train_step_smol.json # a local HF model dir
+    python benchmarks/bench_train_step.py --model DIR --paired --json train_step_smol.json  # a local HF model dir
     python benchmarks/bench_train_step.py --small --device cpu                    # smoke check on a CPU
 """
 
@@ -106,6 +110,22 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def timed_step(model, optimizer, unloader, batch, device):
+    """One training step and the unloader's call, each ended by a sync: (train s, unload s, loss)."""
+    sync(device)
+    start = time.perf_counter()
+    loss = model(input_ids=batch, labels=batch).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    sync(device)
+    mid = time.perf_counter()
+    if unloader is not None:
+        unloader.step()
+        sync(device)
+    return mid - start, time.perf_counter() - mid, loss.item()
+
+
 def run_variant(variant, args, device, batch):
     """Median step (and unload) seconds and peak memory of one variant."""
     cuda = device.startswith("cuda")
@@ -117,22 +137,11 @@ def run_variant(variant, args, device, batch):
     model, optimizer, unloader = build_variant(variant, args, device)
     train_s, unload_s, losses = [], [], []
     for i in range(args.warmup + args.steps):
-        sync(device)
-        start = time.perf_counter()
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        sync(device)
-        mid = time.perf_counter()
-        if unloader is not None:
-            unloader.step()
-            sync(device)
-        end = time.perf_counter()
+        train, unload, loss = timed_step(model, optimizer, unloader, batch, device)
         if i >= args.warmup:
-            train_s.append(mid - start)
-            unload_s.append(end - mid)
-            losses.append(loss.item())
+            train_s.append(train)
+            unload_s.append(unload)
+            losses.append(loss)
     peak = (torch.cuda.max_memory_allocated() - base_allocated) if cuda else None
     params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -152,6 +161,45 @@ def run_variant(variant, args, device, batch):
         "residual_bytes": residual_bytes,
         "loss_first_last": [losses[0], losses[-1]],
     }
+
+
+def run_paired(variants, args, device, batch):
+    """LoRA and the PLoRA variants built side by side and stepped in turn, one step each per round.
+
+    The variants above run one after another, so a drift of the machine between them (several
+    percent on a small, launch-bound model) lands in their ratios. Here every round times one step
+    of each, in an order rotated from round to round, and each PLoRA step is divided by the LoRA
+    step of its own round: the median of those per-round ratios is what PLoRA costs over LoRA with
+    the drift taken out. Memory is not measured here (the variants share the device).
+    """
+    names = ["lora"] + [v for v in variants if v.startswith("plora")]
+    built = {name: build_variant(name, args, device) for name in names}
+    times = {name: [] for name in names}
+    for i in range(args.warmup + args.steps):
+        order = names[i % len(names):] + names[:i % len(names)]
+        step = {name: timed_step(*built[name], batch, device)[:2] for name in order}
+        if i >= args.warmup:
+            for name in names:
+                times[name].append(step[name])
+    del built
+    gc.collect()
+    lora = [t + u for t, u in times["lora"]]
+    out = []
+    for name in names:
+        total = [t + u for t, u in times[name]]
+        per_round = [x / ref for x, ref in zip(total, lora)]
+        unload_share = [u / ref for (_, u), ref in zip(times[name], lora)]
+        row = {"variant": name, "step_s": statistics.median(total), "step_s_all": total,
+               "vs_lora_per_round": per_round, "step_vs_lora": statistics.median(per_round)}
+        if name != "lora":
+            row["unload_s"] = statistics.median(u for _, u in times[name])
+            row["unload_vs_lora"] = statistics.median(unload_share)
+            row["every_100_vs_lora"] = statistics.median(
+                (t + u / 100) / ref for (t, u), ref in zip(times[name], lora))
+            row["pass"] = {"every step": row["step_vs_lora"] <= TARGET_EVERY_STEP,
+                           "every 100": row["every_100_vs_lora"] <= TARGET_EVERY_100}
+        out.append(row)
+    return out
 
 
 def compare(rows):
@@ -190,6 +238,18 @@ def markdown(results) -> str:
         a, b = (r["step_s"] * 1e3 for r in loras)
         out.append(f"\nLoRA measured first and last: {a:.1f} and {b:.1f} ms ({100 * abs(a - b) / min(a, b):.1f}% apart); "
                    "the ratios use their mean.")
+    if results.get("paired"):
+        out += ["\nPaired: LoRA and the PLoRA variants side by side, one step each per round in a rotated order; "
+                "ratios are medians over the rounds of each step over the same round's LoRA step.\n",
+                "| variant | step ms | unload ms | unload / LoRA step | vs LoRA, every step | vs LoRA, every 100 | targets |",
+                "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+        for r in results["paired"]:
+            plora_row = r["variant"].startswith("plora")
+            unload = f"{r['unload_s'] * 1e3:.2f} | {r['unload_vs_lora']:.4f}" if plora_row else " | "
+            every_100 = f"{r['every_100_vs_lora']:.4f}" if plora_row else ""
+            verdict = ", ".join(f"{k} {_verdict(v)}" for k, v in r.get("pass", {}).items())
+            out.append(f"| {r['variant']} | {r['step_s'] * 1e3:.1f} | {unload} | {r['step_vs_lora']:.3f} | "
+                       f"{every_100} | {verdict} |")
     comp = next((r for r in results["rows"] if r["variant"] == "plora compensated"), None)
     if comp and comp["residual_bytes"]:
         out.append(f"\nCompensated residual buffers: {comp['residual_bytes'] / 2**30:.2f} GiB "
@@ -214,6 +274,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 10; 3 with --small)")
     p.add_argument("--variants", nargs="+", default=None,
                    help="subset of: full lora 'plora direct' 'plora stochastic' 'plora compensated' 'lora (repeat)'")
+    p.add_argument("--paired", action="store_true",
+                   help="also time LoRA and the PLoRA variants side by side, one step each per round "
+                        "(ratios per round, free of the drift between variants; needs their memory at once)")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     args = p.parse_args(argv)
     args.config = "tiny" if args.small else "llama-1b"
@@ -235,6 +298,11 @@ def main(argv=None) -> int:
         rows.append(run_variant(variant, args, device, batch))
         print(f"[{variant}: {time.perf_counter() - start:.1f} s]", file=sys.stderr)
     compare(rows)
+    paired = None
+    if args.paired:
+        start = time.perf_counter()
+        paired = run_paired(variants, args, device, batch)
+        print(f"[paired: {time.perf_counter() - start:.1f} s]", file=sys.stderr)
     results = {
         "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.processor() or "cpu",
         "torch": torch.__version__,
@@ -247,6 +315,7 @@ def main(argv=None) -> int:
         "steps": args.steps,
         "rank": RANK,
         "rows": rows,
+        "paired": paired,
     }
     print(markdown(results))
     if args.json:
