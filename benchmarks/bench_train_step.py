@@ -175,7 +175,7 @@ def run_paired(variants, args, device, batch):
     names = ["lora"] + [v for v in variants if v.startswith("plora")]
     built = {name: build_variant(name, args, device) for name in names}
     times = {name: [] for name in names}
-    for i in range(args.warmup + args.steps):
+    for i in range(args.warmup + args.paired_steps):
         order = names[i % len(names):] + names[:i % len(names)]
         step = {name: timed_step(*built[name], batch, device)[:2] for name in order}
         if i >= args.warmup:
@@ -193,7 +193,10 @@ def run_paired(variants, args, device, batch):
                "vs_lora_per_round": per_round, "step_vs_lora": statistics.median(per_round)}
         if name != "lora":
             row["unload_s"] = statistics.median(u for _, u in times[name])
+            row["unload_s_all"] = [u for _, u in times[name]]
             row["unload_vs_lora"] = statistics.median(unload_share)
+            # the training step alone (forward, backward, optimizer): what PLoRA's hooks cost between unloads
+            row["train_vs_lora"] = statistics.median(t / ref for (t, _), ref in zip(times[name], lora))
             row["every_100_vs_lora"] = statistics.median(
                 (t + u / 100) / ref for (t, u), ref in zip(times[name], lora))
             row["pass"] = {"every step": row["step_vs_lora"] <= TARGET_EVERY_STEP,
@@ -241,11 +244,13 @@ def markdown(results) -> str:
     if results.get("paired"):
         out += ["\nPaired: LoRA and the PLoRA variants side by side, one step each per round in a rotated order; "
                 "ratios are medians over the rounds of each step over the same round's LoRA step.\n",
-                "| variant | step ms | unload ms | unload / LoRA step | vs LoRA, every step | vs LoRA, every 100 | targets |",
-                "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+                "| variant | step ms | unload ms | unload / LoRA step | train step / LoRA step | vs LoRA, every step "
+                "| vs LoRA, every 100 | targets |",
+                "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
         for r in results["paired"]:
             plora_row = r["variant"].startswith("plora")
-            unload = f"{r['unload_s'] * 1e3:.2f} | {r['unload_vs_lora']:.4f}" if plora_row else " | "
+            unload = (f"{r['unload_s'] * 1e3:.2f} | {r['unload_vs_lora']:.4f} | {r['train_vs_lora']:.4f}" if plora_row
+                      else " |  | ")
             every_100 = f"{r['every_100_vs_lora']:.4f}" if plora_row else ""
             verdict = ", ".join(f"{k} {_verdict(v)}" for k, v in r.get("pass", {}).items())
             out.append(f"| {r['variant']} | {r['step_s'] * 1e3:.1f} | {unload} | {r['step_vs_lora']:.3f} | "
@@ -277,6 +282,8 @@ def main(argv=None) -> int:
     p.add_argument("--paired", action="store_true",
                    help="also time LoRA and the PLoRA variants side by side, one step each per round "
                         "(ratios per round, free of the drift between variants; needs their memory at once)")
+    p.add_argument("--paired-steps", type=int, default=None,
+                   help="timed rounds of --paired (default: --steps); the same --warmup rounds come first")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     args = p.parse_args(argv)
     args.config = "tiny" if args.small else "llama-1b"
@@ -284,6 +291,7 @@ def main(argv=None) -> int:
     args.batch = args.batch or (2 if args.small else 8)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.small else 3)
     args.steps = args.steps or (3 if args.small else 10)
+    args.paired_steps = args.paired_steps or args.steps
     device = args.device
     variants = args.variants or ["full", "lora"] + [f"plora {m}" for m in PLORA_MODES] + ["lora (repeat)"]
     if "lora" not in variants:

@@ -55,16 +55,20 @@ def single_launches() -> None:
     fp32 = kernels._TL_DTYPE[torch.float32]
     args = (ptrs, keys, A[0].numel(), 0.01)
     print("triton kaiming_fill_ JIT", per_call(lambda: kernels.kaiming_fill_(*args, torch.float32)))
-    compiled = kernels.kaiming_fill[(64, 4)](*args, DTYPE=fp32, BLOCK=1024, num_warps=4)
+    # the compiled kernel takes every parameter positionally, constexprs included: as kaiming_fill_
+    # launches it ungated, the gate's slot holds a placeholder pointer
+    params = (*args, fp32, 1024, ptrs, False, False)  # ..., DTYPE, BLOCK, GATE, GATED, ZERO
+    compiled = kernels.kaiming_fill[(64, 4)](*args, DTYPE=fp32, BLOCK=1024, num_warps=4, GATE=ptrs, GATED=False,
+                                             ZERO=False)
     runner = compiled[(64, 4, 1)]
-    print("triton kaiming_fill compiled[grid]", per_call(lambda: runner(*args, fp32, 1024)))
+    print("triton kaiming_fill compiled[grid]", per_call(lambda: runner(*params)))
     device = driver.active.get_current_device()
     stream = driver.active.get_current_stream(device)
     print("driver get_current_stream", per_call(lambda: driver.active.get_current_stream(device)))
-    meta = compiled.launch_metadata((64, 4, 1), stream, *args, fp32, 1024)
+    meta = compiled.launch_metadata((64, 4, 1), stream, *params)
     print("compiled.run raw", per_call(lambda: compiled.run(64, 4, 1, stream, compiled.function,
                                                             compiled.packed_metadata, meta, None, None,
-                                                            *args, fp32, 1024)))
+                                                            *params)))
 
 
 def plan_launches(shape: str) -> None:

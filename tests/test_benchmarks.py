@@ -60,7 +60,7 @@ def test_bench_unload_reads_norm_variants_and_refuses_malformed_ones():
 def test_bench_train_step_small_on_cpu(tmp_path):
     bench = load("bench_train_step")
     out = tmp_path / "step.json"
-    assert bench.main(["--small", "--device", "cpu", "--paired", "--json", str(out)]) == 0
+    assert bench.main(["--small", "--device", "cpu", "--paired", "--paired-steps", "4", "--json", str(out)]) == 0
     results = json.loads(out.read_text())
     rows = {r["variant"]: r for r in results["rows"]}
     assert set(rows) == {"full", "lora", "plora direct", "plora stochastic", "plora compensated", "lora (repeat)"}
@@ -69,12 +69,13 @@ def test_bench_train_step_small_on_cpu(tmp_path):
     # paired: LoRA and each PLoRA variant once per round, every ratio against the same round's LoRA step
     paired = {r["variant"]: r for r in results["paired"]}
     assert list(paired) == ["lora", "plora direct", "plora stochastic", "plora compensated"]
-    assert paired["lora"]["vs_lora_per_round"] == [1.0] * 3
+    assert paired["lora"]["vs_lora_per_round"] == [1.0] * 4
     for v, r in paired.items():
-        assert len(r["step_s_all"]) == 3
+        assert len(r["step_s_all"]) == 4
         assert r["vs_lora_per_round"] == pytest.approx([s / l for s, l in zip(r["step_s_all"], paired["lora"]["step_s_all"])])
         if v != "lora":
             assert 0 < r["unload_vs_lora"] < r["step_vs_lora"] and set(r["pass"]) == {"every step", "every 100"}
+            assert r["train_vs_lora"] > 0 and len(r["unload_s_all"]) == 4
 
 
 def test_profile_unload_small_on_cpu(tmp_path, capsys):
