@@ -105,6 +105,7 @@ def probes_argument(text: str) -> list[str]:
 SHAPES = {
     "llama-2-7b": (4096, 11008, 32, 4096),
     "llama-3.2-1b": (2048, 8192, 16, 512),  # grouped-query attention: 8 KV heads of 64
+    "smollm2-135m": (576, 1536, 30, 192),  # 210 small layers: the host's share of the unload
     "tiny": (64, 160, 2, 32),
 }
 

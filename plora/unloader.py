@@ -21,7 +21,7 @@ from torch import nn
 
 from plora.config import PLoRAConfig
 from plora.layers import adapted_layers
-from plora.optim import check_optimizer_holds, reset_adapter_state
+from plora.optim import AdapterStateReset, check_optimizer_holds
 from plora.schedule import ReWarmup
 from plora.unload import UnloadPlan, UnloadStats, unload_
 
@@ -49,6 +49,7 @@ class PeriodicUnloader:
         self.adapter_params = [t for layer in self.layers for t in layer.adapter_tensors()]
         self.plan = UnloadPlan(self.layers)  # what each unload does per layer; revalidated at every unload
         check_optimizer_holds(optimizer, self.adapter_params)
+        self._reset_state = AdapterStateReset(optimizer, self.adapter_params)
         self.total_steps = total_steps
         self.steps_per_epoch = steps_per_epoch
         self._check_schedule_inputs()
@@ -116,7 +117,7 @@ class PeriodicUnloader:
             landed_sample_rows=c.landed_sample_rows,
             plan=self.plan,
         )
-        reset_adapter_state(self.optimizer, self.adapter_params, c.optimizer_reset, c.prune_ratio)
+        self._reset_state(c.optimizer_reset, c.prune_ratio)
         if self.rewarmup is not None:
             self.rewarmup.restart()
         stats.step = self.num_steps

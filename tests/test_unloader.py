@@ -169,6 +169,51 @@ def test_reset_state_equals_fresh_optimizer():
         torch.testing.assert_close(p, q, msg=n)
 
 
+def test_kept_reset_follows_the_optimizers_state():
+    """The unloader's reset keeps its grouping of the state tensors between unloads: it must still
+    zero exactly what the optimizer holds after the state was replaced (a resume), dropped (a
+    fresh state is built lazily), or given a plain-number counter, and never keep a dropped state
+    alive."""
+    import gc
+    import weakref
+
+    from plora.optim import AdapterStateReset
+
+    model = toy_peft()
+    opt = make_opt(model)
+    adapter = [t for layer in adapted_layers(model) for t in layer.adapter_tensors()]
+    reset = AdapterStateReset(opt, adapter)
+
+    def held():  # parameters with state (the toy's conv adapter gets none from token-only steps)
+        return sum(1 for p in adapter if opt.state.get(p))
+
+    def zeroed():
+        return all(not torch.any(v) if isinstance(v, torch.Tensor) else v == 0
+                   for p in adapter for v in opt.state[p].values())
+
+    for round in range(3):  # trained, reset, trained again: the same tensors, the kept grouping
+        train_steps(model, opt, None, 2, seed=round)
+        assert not zeroed() and 0 < held() < len(adapter)
+        assert reset("reset") == held() and zeroed()
+    first = opt.state[adapter[0]]["exp_avg"]
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # a resume: every state tensor replaced
+    train_steps(model, opt, None, 2, seed=7)
+    assert opt.state[adapter[0]]["exp_avg"] is not first and not zeroed()
+    dropped = weakref.ref(first)
+    del first
+    gc.collect()
+    assert dropped() is None  # the reset's references are weak
+    assert reset("reset") == held() and zeroed()
+    opt.state.clear()  # state dropped: nothing to zero until the optimizer builds it again
+    assert reset("reset") == 0
+    train_steps(model, opt, None, 1, seed=8)
+    opt.state[adapter[1]]["step"] = 3  # a plain-number counter, as some optimizers keep
+    assert reset("reset") == held() and zeroed() and opt.state[adapter[1]]["step"] == 0
+    opt.state[adapter[1]]["step"] = 3  # again (AdamW itself would not step on a plain counter)
+    opt.state[adapter[1]]["exp_avg"].fill_(1.0)
+    assert reset("reset") == held() and zeroed() and opt.state[adapter[1]]["step"] == 0  # set again, not cached
+
+
 # --- learning rate ---------------------------------------------------------------------------------
 def test_rewarmup_on_top_of_a_schedule():
     model = toy_peft()
