@@ -78,6 +78,33 @@ def test_bench_train_step_small_on_cpu(tmp_path):
             assert r["train_vs_lora"] > 0 and len(r["unload_s_all"]) == 4
 
 
+def test_bench_train_step_reports_a_saved_run_and_says_when_a_target_is_open(tmp_path, capsys):
+    bench = load("bench_train_step")
+    out = tmp_path / "step.json"
+    assert bench.main(["--small", "--device", "cpu", "--paired", "--variants", "lora", "plora direct",
+                       "--json", str(out)]) == 0
+    measured = capsys.readouterr().out
+    assert bench.main(["--report", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == measured.strip()  # the same tables, from the file
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"rows": []}')
+    with pytest.raises(SystemExit):
+        bench.main(["--report", str(bad)])
+    assert "not a readable bench_train_step result" in capsys.readouterr().err
+
+    def row(ratios):  # a PLoRA row whose rounds have these step ratios (LoRA's step 1 s, no unload)
+        return {"variant": "plora direct", "step_s": 1.0, "unload_s": 0.0, "unload_vs_lora": 0.0,
+                "train_vs_lora": 1.0, "step_vs_lora": sorted(ratios)[len(ratios) // 2], "every_100_vs_lora": 1.0,
+                "vs_lora_per_round": ratios, "step_s_all": ratios, "unload_s_all": [0.0] * len(ratios),
+                "pass": {"every step": sorted(ratios)[len(ratios) // 2] <= 1.03, "every 100": True}}
+
+    steady, noisy = [1.02] * 9, [0.90, 0.95, 1.0, 1.01, 1.02, 1.03, 1.05, 1.1, 1.2]
+    assert bench.median_interval(steady) == (1.02, 1.02)
+    assert "every step PASS" in bench.paired_row(row(steady), [1.0] * 9)
+    assert "every step open (median PASS)" in bench.paired_row(row(noisy), [1.0] * 9)
+    assert "every step FAIL" in bench.paired_row(row([1.05] * 9), [1.0] * 9)
+
+
 def test_profile_unload_small_on_cpu(tmp_path, capsys):
     prof = load("profile_unload")
     out = tmp_path / "profile.json"
