@@ -54,7 +54,7 @@ from dataclasses import dataclass
 import torch
 
 from plora.cuda_graphs import GraphCache
-from plora.layers import AdaptedLayer, reinit_generator, reinit_seed
+from plora.layers import AdaptedLayer, reinit_generator, reinit_seeds
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -165,6 +165,7 @@ class UnloadPlan:
         self._key = None
         self._devices: list[_DeviceWork] = []  # built by refresh
         self._keys = None
+        self._seed_prefixes: dict = {}  # (seed, layer name) -> its hash state (reinit_seeds)
         self._graphs = GraphCache()  # the launch sequences of this plan's tables, as CUDA graphs
         self.device_checked = False  # set by refresh
         self.host_check_next = False  # the last check found a non-finite adapter: check on the host
@@ -428,7 +429,7 @@ class UnloadPlan:
             for work in self._devices:
                 stochastic = [g for g in work.updates if g.mode == "stochastic"]
                 chunks = [(seed, g.names) for g in stochastic] + [(seed + 1, f.names) for f in work.fills]
-                made = _seed_tables(chunks, unload_index, work.keys)
+                made = _seed_tables(chunks, unload_index, work.keys, self._seed_prefixes)
                 tables.append((made[:len(stochastic)], made[len(stochastic):]))
             self._keys = ((seed, unload_index), tables)
         return self._keys[1]
@@ -518,13 +519,15 @@ def _zero_groups(device: torch.device, tensors: list[torch.Tensor]) -> tuple[lis
             for (numel, dtype), ts in by_size.items()], rest
 
 
-def _seed_tables(chunks: list[tuple[int, list[str]]], unload_index: int, out: torch.Tensor) -> list[torch.Tensor]:
+def _seed_tables(chunks: list[tuple[int, list[str]]], unload_index: int, out: torch.Tensor,
+                 prefixes: dict) -> list[torch.Tensor]:
     """Per (seed, names) chunk, its layers' ``reinit_seed(seed, name, unload_index)``, written into
     ``out`` (int64, on the device; one host-to-device copy in all) and returned as views of it: the
-    same addresses at every unload, which a captured CUDA graph reads."""
+    same addresses at every unload, which a captured CUDA graph reads. ``prefixes``: the plan's
+    hash states of ``reinit_seeds``."""
     if not chunks:
         return []
-    seeds = [reinit_seed(seed, name, unload_index) for seed, names in chunks for name in names]
+    seeds = [s for seed, names in chunks for s in reinit_seeds(seed, names, unload_index, prefixes)]
     table = torch.tensor(seeds, dtype=torch.int64, pin_memory=out.device.type == "cuda")
     out.copy_(table, non_blocking=True)  # stream-ordered behind the launches that read the last ones
     return list(out.split([len(names) for _, names in chunks]))

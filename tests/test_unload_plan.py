@@ -20,7 +20,7 @@ from torch import nn
 import interpreter
 import plora
 from plora import PeriodicUnloader, PLoRAConfig
-from plora.layers import adapted_layers, reinit_seed
+from plora.layers import adapted_layers, reinit_seed, reinit_seeds
 from plora.optim import reset_adapter_state
 from plora.unload import UnloadPlan
 from toys import randomise_adapters_, toy_inputs, toy_peft
@@ -468,6 +468,19 @@ def _count_builds(monkeypatch) -> list:
     real = UnloadPlan._build
     monkeypatch.setattr(UnloadPlan, "_build", lambda self, *a: builds.append(1) or real(self, *a))
     return builds
+
+
+def test_kept_hash_prefixes_give_reinit_seeds_values():
+    """The plan's seed tables hash each layer's fixed prefix once; every seed must still be
+    reinit_seed's, for any seed, unload index and name (one prefix dict across all of them)."""
+    names = ["base_model.model.layers.0.q_proj", "a/b", "ünïcode", "", "x" * 300]
+    prefixes: dict = {}
+    for seed in (0, 1, 2**40):
+        for index in (0, 1, 9, 10, 12345):
+            assert reinit_seeds(seed, names, index, prefixes) == [reinit_seed(seed, n, index) for n in names]
+    assert len(prefixes) == 3 * len(names)
+    # "1/2" + "3/..." must not collide with "12/" + "3/...": the separators are part of the prefix
+    assert reinit_seeds(1, ["2/3"], 4, prefixes) == [reinit_seed(1, "2/3", 4)] != [reinit_seed(12, "3", 4)]
 
 
 def test_plan_is_rebuilt_only_when_something_changed(monkeypatch):
