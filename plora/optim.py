@@ -41,36 +41,23 @@ def reset_adapter_state(optimizer, params: list[torch.Tensor], mode: str, prune_
     Zeroing in place gives the same update as a freshly created Adam/AdamW/SGD state while keeping
     tensor identity (fused and capturable optimizers, CUDA graphs, sharded wrappers). A reset zeroes
     every state tensor (tensor ``step`` counters included) with one ``torch._foreach_zero_`` per
-    device and dtype, not one kernel per tensor.
+    device and dtype, not one kernel per tensor (``AdapterStateReset``, here used once).
     """
     if mode == "keep":
         return 0
+    if mode == "reset":
+        return AdapterStateReset(optimizer, params)(mode)
     touched = 0
-    to_zero = []
     for p in params:
         state = optimizer.state.get(p)
         if not state:
             continue
         touched += 1
-        for key, value in state.items():  # values are replaced, never added: safe while iterating
-            if isinstance(value, torch.Tensor):
-                if mode == "reset":
-                    to_zero.append(value)
-                elif value.shape == p.shape and value.is_floating_point() and value.numel() > 1:
-                    _prune_(value, prune_ratio)
-            elif mode == "reset" and key == "step" and isinstance(value, (int, float)):
-                state[key] = type(value)(0)
-    _zero_(to_zero)
+        for value in state.values():
+            if (isinstance(value, torch.Tensor) and value.shape == p.shape and value.is_floating_point()
+                    and value.numel() > 1):
+                _prune_(value, prune_ratio)
     return touched
-
-
-def _zero_(tensors: list[torch.Tensor]) -> None:
-    """Zero ``tensors`` in place, one foreach call per (device, dtype) group."""
-    groups: dict = {}
-    for t in tensors:
-        groups.setdefault((t.device, t.dtype), []).append(t)
-    for group in groups.values():
-        torch._foreach_zero_(group)
 
 
 def _prune_(t: torch.Tensor, ratio: float) -> None:
@@ -84,14 +71,15 @@ def _prune_(t: torch.Tensor, ratio: float) -> None:
 
 
 class AdapterStateReset:
-    """``reset_adapter_state`` of one optimizer and one parameter list, called at every unload.
+    """The 'reset' of ``reset_adapter_state`` for one optimizer and one parameter list, called at
+    every unload; other modes go to ``reset_adapter_state``.
 
-    Its 'reset' keeps the state tensors it found, as weak references grouped for the foreach
-    zeroing, and reuses that grouping while the optimizer holds the very same tensors (checked by
-    identity at each call; weak, so a state the optimizer drops is freed, not kept alive here).
-    On a model of a few hundred small layers the walk over every parameter's state and the
-    regrouping of every tensor otherwise cost about a millisecond of host time per unload. Any
-    other mode, or a state holding a plain-number counter, takes ``reset_adapter_state`` itself.
+    It keeps the state tensors it found, as weak references grouped for the foreach zeroing, and
+    reuses that grouping while the optimizer holds the very same tensors (checked by identity at
+    each call; weak, so a state the optimizer drops is freed, not kept alive here). On a model of a
+    few hundred small layers the walk over every parameter's state and the regrouping of every
+    tensor otherwise cost about a millisecond of host time per unload. A state holding a
+    plain-number ``step`` counter is walked at every call: that number is set anew each time.
     """
 
     def __init__(self, optimizer, params: list[torch.Tensor]):
@@ -102,6 +90,7 @@ class AdapterStateReset:
         self._groups: list[list[int]] = []  # their indices per (device, dtype)
         self._touched = 0
 
+    @torch.no_grad()
     def __call__(self, mode: str, prune_ratio: float = 0.9) -> int:
         if mode != "reset":
             return reset_adapter_state(self.optimizer, self.params, mode, prune_ratio)
@@ -110,13 +99,18 @@ class AdapterStateReset:
         values = [value for state in states for value in state.values()]
         refs = self._refs
         if refs is None or len(refs) != len(values) or not all(map(operator.is_, values, (r() for r in refs))):
-            if not all(isinstance(v, torch.Tensor) for v in values):  # a plain counter: set anew each time
-                self._refs = None
-                return reset_adapter_state(self.optimizer, self.params, mode, prune_ratio)
             groups: dict = {}
             for i, v in enumerate(values):
-                groups.setdefault((v.device, v.dtype), []).append(i)
-            self._refs, self._groups, self._touched = [weakref.ref(v) for v in values], list(groups.values()), len(states)
+                if isinstance(v, torch.Tensor):
+                    groups.setdefault((v.device, v.dtype), []).append(i)
+            plain = sum(map(len, groups.values())) != len(values)  # a plain number: walk again next time
+            self._refs = None if plain else [weakref.ref(v) for v in values]
+            self._groups, self._touched = list(groups.values()), len(states)
+            if plain:  # values are replaced, never added: safe while iterating
+                for state in states:
+                    step = state.get("step")
+                    if isinstance(step, (int, float)):
+                        state["step"] = type(step)(0)
         for group in self._groups:
             torch._foreach_zero_([values[i] for i in group])
         return self._touched
