@@ -158,8 +158,12 @@ def _peft_init_setting(model: nn.Module, adapter: str) -> str:
 
 def reinit_seed(seed: int, name: str, unload_index: int) -> int:
     """A 63-bit seed from (seed, layer, unload count): identical on every rank and on resume."""
-    digest = hashlib.sha256(f"{seed}/{name}/{unload_index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+    return _seed_of(hashlib.sha256(f"{seed}/{name}/{unload_index}".encode()))
+
+
+def _seed_of(h) -> int:
+    """The 63-bit seed of a SHA-256 hash object."""
+    return int.from_bytes(h.digest()[:8], "little") & ((1 << 63) - 1)
 
 
 def reinit_seeds(seed: int, names: list[str], unload_index: int, prefixes: dict) -> list[int]:
@@ -175,7 +179,7 @@ def reinit_seeds(seed: int, names: list[str], unload_index: int, prefixes: dict)
             state = prefixes[(seed, name)] = hashlib.sha256(f"{seed}/{name}/".encode())
         h = state.copy()
         h.update(tail)
-        out.append(int.from_bytes(h.digest()[:8], "little") & ((1 << 63) - 1))
+        out.append(_seed_of(h))
     return out
 
 
