@@ -42,6 +42,7 @@ import argparse
 import gc
 import json
 import platform
+import random
 import statistics
 import sys
 import time
@@ -191,13 +192,12 @@ def run_paired(variants, args, device, batch):
     for name in names:
         total = [t + u for t, u in times[name]]
         per_round = [x / ref for x, ref in zip(total, lora)]
-        unload_share = [u / ref for (_, u), ref in zip(times[name], lora)]
         row = {"variant": name, "step_s": statistics.median(total), "step_s_all": total,
                "vs_lora_per_round": per_round, "step_vs_lora": statistics.median(per_round)}
         if name != "lora":
             row["unload_s"] = statistics.median(u for _, u in times[name])
             row["unload_s_all"] = [u for _, u in times[name]]
-            row["unload_vs_lora"] = statistics.median(unload_share)
+            row["unload_vs_lora"] = statistics.median(u / ref for (_, u), ref in zip(times[name], lora))
             # the training step alone (forward, backward, optimizer): what PLoRA's hooks cost between unloads
             row["train_vs_lora"] = statistics.median(t / ref for (t, _), ref in zip(times[name], lora))
             row["every_100_vs_lora"] = statistics.median(
@@ -289,12 +289,10 @@ def paired_row(r: dict, lora_steps: list[float]) -> str:
             + (f"{every_100[0]:.4f}-{every_100[1]:.4f}" if every_100 else "n/a") + f" | {', '.join(verdicts)} |")
 
 
-def median_interval(values, level: float = 0.95, resamples: int | None = None, seed: int = 0) -> tuple[float, float]:
+def median_interval(values, level: float = 0.95, resamples: int = BOOTSTRAP_RESAMPLES,
+                    seed: int = 0) -> tuple[float, float]:
     """A bootstrap interval of the median of ``values``: how far the rounds' scatter leaves it open."""
-    import random
-
     rng = random.Random(seed)
-    resamples = resamples or BOOTSTRAP_RESAMPLES
     medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
     cut = int(resamples * (1 - level) / 2)
     return medians[cut], medians[resamples - 1 - cut]

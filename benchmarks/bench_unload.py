@@ -1,8 +1,8 @@
 """Benchmark: plora's unload against the naive ReLoRA merge and the device's copy bandwidth.
 
-The linear layers of a Llama-2-7B-shaped and a Llama-3.2-1B-shaped model (bf16, random weights)
-get PEFT LoRA r=16 on every linear layer. Timed, each as the median of several repetitions
-after a warm-up, in one run on one device:
+The linear layers of a Llama-2-7B-shaped and a Llama-3.2-1B-shaped model (bf16, random weights;
+``--models`` also takes ``smollm2-135m``, see ``SHAPES``) get PEFT LoRA r=16 on every linear
+layer. Timed, each as the median of several repetitions after a warm-up, in one run on one device:
 
 - ``copy``: ``dst.copy_(src)`` of a large buffer, the roofline (bytes = read + write).
 - ``plora <mode>``: ``plora.unload_`` with its default configuration (landed-share sampling of
@@ -16,9 +16,10 @@ after a warm-up, in one run on one device:
   grouped launches of the plan for all three modes, with their statistics on the same 64 sampled
   rows per layer and the norm kernels, launched one by one like their probes): what an unload
   cannot avoid. Probes of where the grouped kernels' time goes (GPU only): the same launches with
-  one launch option changed (``--probes``: by default the statistics summed over every row, as ``landed_sample_rows=0``; no statistics; the triton
-  ``update_tile`` instead of the pipelined Gluon kernel; others: the triton kernel's register cap
-  and layout options, see ``PROBES``) and with other tilings of the triton kernel (``--tiles``);
+  one launch option changed (``--probes``: by default the statistics summed over every row, as
+  ``landed_sample_rows=0``; no statistics; the triton ``update_tile`` instead of the pipelined
+  Gluon kernel; others: the triton kernel's register cap and layout options, see ``PROBES``) and
+  with other tilings of the triton kernel (``--tiles``);
   and ``norms only``: the exact ``update_norm`` (``UnloadPlan.update_norms_``) alone, also with
   other options (``--norm-variants``). ``bench_update_kernels.py`` compares the update
   kernels themselves.
@@ -223,9 +224,9 @@ def naive_merge(model):
 def launched_one_by_one(fn):
     """``fn`` with the plan's CUDA graphs off: the ``no CUDA graphs`` rows, and the ``update only``
     and ``norms only`` rows like their probes (which take launch options, never captured)."""
-    def run():
-        from plora import cuda_graphs
+    from plora import cuda_graphs
 
+    def run():
         enabled, cuda_graphs.ENABLED = cuda_graphs.ENABLED, False
         try:
             return fn()

@@ -169,9 +169,9 @@ def norm_rows(variants: list[dict]) -> list[str]:
 
     from plora import kernels
 
-    defaults = {n: p.default for n, p in inspect.signature(kernels.update_norms_).parameters.items()}
+    params = inspect.signature(kernels.update_norms_).parameters
     compiled = ("chunk", "warps", "precision", "stages")  # (programs is a launch choice)
-    default = {k: defaults[k] for k in compiled}
+    default = {k: params[k].default for k in compiled}
     rows = []
     for i, v in enumerate([default] + [v for v in variants if {k: v[k] for k in compiled} != default]):
         constants = {"FACTOR_DTYPE": tl.float32, "BLOCK_K": 16, "CHUNK": v["chunk"], "KPAD": 16,
@@ -241,8 +241,8 @@ def main(argv=None) -> int:
     try:
         from plora import kernels_gluon as kg
     except ImportError:
-        kg = None
-    if kg is not None:  # plora's pipelined update pass (no statistics)
+        pass  # no gluon: no pipelined kernel
+    else:  # plora's pipelined update pass (no statistics)
         for mode, mode_id in MODES.items():
             print(update_row("pipelined (Gluon)", mode, False, f"{kg.BLOCK_M}x{kg.BLOCK_N}", kg.WARPS,
                              compile_pipelined_sm90(mode_id)))

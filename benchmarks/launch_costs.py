@@ -114,13 +114,9 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("launch_costs.py needs a CUDA device", file=sys.stderr)
         return 1
-    try:  # the plan's own CUDA graphs (from a0694fd on; absent on older checkouts): off, so that
-        # every launch above is eager
-        from plora import cuda_graphs
+    from plora import cuda_graphs
 
-        cuda_graphs.ENABLED = False
-    except ImportError:
-        pass
+    cuda_graphs.ENABLED = False  # the plan's own CUDA graphs off: every launch above is eager
     single_launches()
     plan_launches("llama-3.2-1b")
     return 0
