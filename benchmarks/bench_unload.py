@@ -28,8 +28,9 @@ layer. Timed, each as the median of several repetitions after a warm-up, in one 
 - ``plora <mode>, torch path``: the unload with the Triton kernels switched off (GPU only).
 - ``naive merge``: what axolotl's ReLoRA does per layer, ``W += B @ A * scaling`` then A
   re-initialised (kaiming) and B zeroed.
-- under each table, ``optimizer reset``: ``plora.optim.reset_adapter_state`` of an AdamW state
-  of the adapter (what ``PeriodicUnloader`` runs after each unload), synchronised and host only.
+- under each table, ``optimizer reset``: the reset of an AdamW state of the adapter by one kept
+  ``plora.optim.AdapterStateReset`` (what ``PeriodicUnloader`` runs after each unload; the runs recorded up to
+  2026-11-29 timed ``reset_adapter_state``, which walks the state anew), synchronised and host only.
 
 Bytes that must move per weight element: 4 (W read + written) for direct and stochastic, 8 for
 compensated (the bf16 residual read + written too). Effective bandwidth = those bytes / time.
@@ -60,7 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling kernel_r
 
 import plora  # noqa: E402
 from plora.layers import adapted_layers  # noqa: E402
-from plora.optim import reset_adapter_state  # noqa: E402
+from plora.optim import AdapterStateReset  # noqa: E402
 from plora.unload import UnloadPlan, _enqueue_unload  # noqa: E402
 from plora.unload_plan import fused_ok  # noqa: E402
 from kernel_resources import norm_variants_argument, tiles_argument  # noqa: E402
@@ -261,7 +262,7 @@ def norms_only(plan, residuals, **launch):
 
 
 def optimizer_reset(layers, device, clock, args):
-    """(synchronised, host-only) seconds of reset_adapter_state on an AdamW state of the adapter."""
+    """(synchronised, host-only) seconds of the unloader's kept reset of an AdamW state of the adapter."""
     params = [t for layer in layers for t in layer.adapter_tensors()]
     opt = torch.optim.AdamW(params, fused=device.startswith("cuda"))
     for p in params:
@@ -269,7 +270,8 @@ def optimizer_reset(layers, device, clock, args):
     opt.step()  # creates the state: step, exp_avg, exp_avg_sq per tensor
     for p in params:
         p.grad = None
-    reset = lambda: reset_adapter_state(opt, params, "reset")  # noqa: E731
+    kept = AdapterStateReset(opt, params)  # as PeriodicUnloader keeps it: the warm-up builds its grouping
+    reset = lambda: kept("reset")  # noqa: E731
     synced, _, _ = clock.measure(reset, None, args.reps, args.warmup)
     host = clock.host(reset, None, args.reps, args.warmup)
     tensors = sum(torch.is_tensor(v) for p in params for v in opt.state[p].values())
