@@ -31,7 +31,7 @@ Peak memory is ``max_memory_allocated`` from the variant's build to its last ste
 optimizer state, activations and, for compensated, the residuals). Targets: PLoRA/LoRA step time
 <= 1.03 unloading every step and <= 1.005 every 100 steps; PLoRA/LoRA peak memory <= 1.01.
 
-    python benchmarks/bench_train_step.py --json train_step.json                  # GPU, < 4 min on an H200
+    python benchmarks/bench_train_step.py --json train_step.json                  # GPU, about 40 s on an H200
     python benchmarks/bench_train_step.py --model DIR --paired --json train_step_smol.json  # a local HF model dir
     python benchmarks/bench_train_step.py --small --device cpu                    # smoke check on a CPU
 """
@@ -245,7 +245,9 @@ def markdown(results) -> str:
         out.append(f"\nLoRA measured first and last: {a:.1f} and {b:.1f} ms ({100 * abs(a - b) / min(a, b):.1f}% apart); "
                    "the ratios use their mean.")
     if results.get("paired"):
-        out += ["\nPaired: LoRA and the PLoRA variants side by side, one step each per round in a rotated order; "
+        rounds = len(results["paired"][0]["step_s_all"])
+        out += [f"\nPaired: LoRA and the PLoRA variants side by side, one step each per round in a rotated order, "
+                f"{results['warmup']} warm-up + {rounds} timed rounds; "
                 "ratios are medians over the rounds of each step over the same round's LoRA step.\n",
                 "| variant | step ms | unload ms | unload / LoRA step | train step / LoRA step | vs LoRA, every step "
                 "| 95% interval | vs LoRA, every 100 | 95% interval | targets |",
