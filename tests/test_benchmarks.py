@@ -6,7 +6,6 @@ import inspect
 import json
 
 import pytest
-import torch
 from benchmark_scripts import load
 
 

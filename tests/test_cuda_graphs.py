@@ -20,11 +20,12 @@ class FakeGraph:
 @pytest.fixture
 def fake_cuda(monkeypatch):
     """Capture and replay without a GPU: the capture records the body's launches (runs it once, as
-    recording does) and each replay is logged."""
+    recording does) and each replay is logged; a body marked ``fails`` cannot be captured (logged)."""
     log = []
 
     def capture(body, device):
         if getattr(body, "fails", False):
+            log.append("capture failed")
             return CG._EAGER
         log.append("capture")
         out = body()
@@ -69,7 +70,7 @@ def test_a_failed_capture_stays_eager_and_clear_starts_over(fake_cuda, monkeypat
     failing.fails = True
     for _ in range(3):
         cache.run("bad", failing, cuda)
-    assert fake_cuda == ["eager"] * 3
+    assert fake_cuda == ["eager", "capture failed", "eager", "eager"]  # tried once, then eager for good
     fake_cuda.clear()
     for _ in range(3):
         cache.run("good", _body(fake_cuda, 1), cuda)

@@ -9,6 +9,7 @@ are relaxed (triton's default acq_rel made each program wait for its stores: on 
 statistics then cost more than the update itself).
 """
 
+import inspect
 import re
 
 import pytest
@@ -104,8 +105,6 @@ def test_statistics_pass_writes_nothing_but_its_sums(mode):
 def test_norm_kernels_compile_with_relaxed_atomics(kpad):
     """The update's norm, as update_norms_ launches it: the Gram kernel runs its products on the
     tensor cores without spilling and accumulates with relaxed atomics; the product kernel stores."""
-    import inspect
-
     defaults = {n: p.default for n, p in inspect.signature(K.update_norms_).parameters.items()}
     sig = {"TABLE": "*i64", "GRAMS": "*fp32", "FACTOR_DTYPE": "constexpr", "BLOCK_K": "constexpr",
            "CHUNK": "constexpr", "KPAD": "constexpr", "PRECISION": "constexpr"}
@@ -184,6 +183,11 @@ def test_pipelined_update_streams_w_in_16_byte_pieces(mode, factor):
 def test_kernel_resources_lists_the_norm_kernel_default_first():
     if "nvidia" not in _backends():
         pytest.skip("this triton build has no CUDA backend")
-    rows = KR.norm_rows([{"programs": 2048, "chunk": 16, "warps": 4, "precision": "ieee", "stages": 3}])
+    params = inspect.signature(K.update_norms_).parameters
+    default = {k: params[k].default for k in ("programs", "chunk", "warps", "precision", "stages")}
+    # plora's own options asked for again (at another program count: a launch choice) are not a second row
+    rows = KR.norm_rows([{**default, "programs": 1}, {"programs": 2048, "chunk": 16, "warps": 4, "precision": "ieee",
+                                                        "stages": 3}])
     assert len(rows) == 2 and "plora's default" in rows[0] and "| 16 | 4 | ieee | 3 |" in rows[1]
+    assert f"| {default['chunk']} | {default['warps']} | {default['precision']} | {default['stages']} |" in rows[0]
     assert all(row.split(" | ")[6] == "0" for row in rows)  # neither spills

@@ -388,11 +388,16 @@ def check_gates(device):
     bad[1, 2] = float("nan")
     inf = L.clone()
     inf[3, 0] = -float("inf")
+    # the non-finite cases above give NaN norms (an Inf in the factors, or overflows of both signs,
+    # meet inf - inf somewhere); a rank-1 update of tf32-exact values overflows to +Inf alone, and the
+    # gate must close on that too
+    big = (torch.full((20, 1), 2.0**70, device=device), torch.ones(1, 30, device=device))
     for factors, start, want in [((L, R), 1, 1), ((L, R), 0, 0), ((L, bad), 1, 0), ((inf, R), 1, 0),
-                                 ((L * 1e30, R * 1e30), 1, 0)]:
-        g = gate(start)
-        update_norms_(norm_table([factors], [1.0], [0]), torch.zeros(1, 3, device=device), gate=g)
+                                 ((L * 1e30, R * 1e30), 1, 0), (big, 1, 0)]:
+        g, stats = gate(start), torch.zeros(1, 3, device=device)
+        update_norms_(norm_table([factors], [1.0], [0]), stats, gate=g)
         assert g.item() == want, (start, want)
+    assert stats[0, 0].item() == math.inf  # (the last case's norm: infinite, not NaN)
 
 
 CHECKS = [check_direct, check_compensated, check_stochastic, check_stats, check_grouped_update, check_update_norms,

@@ -76,11 +76,15 @@ def test_launch_arguments_bind_to_the_kernels_parameters(monkeypatch, gated):
     monkeypatch.setattr(kernels_gluon, "update_pipelined", Recorder())
     ptrs, alphas, keys = torch.zeros(4, 3, dtype=torch.int64), torch.ones(3), torch.zeros(3, dtype=torch.int64)
     gate = torch.ones(1, dtype=torch.uint8) if gated else None
-    kernels_gluon.update_(ptrs, alphas, keys, (300, 256, 16), (16, 1, 256, 1), tl.bfloat16, 2, False,
+    strides = (16, 1, 256, 1)  # L's, then R's
+    kernels_gluon.update_(ptrs, alphas, keys, (300, 256, 16), strides, tl.bfloat16, 2, False,
                           block_k=16, row_tiles=2, gate=gate)
     (grid, args, kwargs), = launched
     kwargs = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")}
     bound = inspect.signature(real.fn).bind(*args, **kwargs).arguments
     assert bound["MODE"] == 2 and bound["KEYS"] is keys and bound["row_tiles"] == 2 and bound["K"] == 16
+    assert bound["PTRS"] is ptrs and bound["ALPHAS"] is alphas and (bound["G"], bound["M"], bound["N"]) == (3, 300, 256)
+    assert tuple(bound[k] for k in ("stride_lm", "stride_lk", "stride_rk", "stride_rn")) == strides
+    assert bound["HAS_RES"] is False and bound["FACTOR_DTYPE"] == tl.bfloat16 and bound["BLOCK_K"] == 16
     assert bound["GATED"] is gated and bound["GATE"] is (gate if gated else ptrs)
     assert grid == (2, 3, 5)  # (column tiles, layers, chunks of row tiles)

@@ -479,8 +479,12 @@ def test_kept_hash_prefixes_give_reinit_seeds_values():
         for index in (0, 1, 9, 10, 12345):
             assert reinit_seeds(seed, names, index, prefixes) == [reinit_seed(seed, n, index) for n in names]
     assert len(prefixes) == 3 * len(names)
-    # "1/2" + "3/..." must not collide with "12/" + "3/...": the separators are part of the prefix
+    # pairs whose seed and name run together ("1" + "23", "12" + "3", "1" + "2/3", "12" + "/3") are
+    # kept apart in the one dict: each gets its own prefix, and reinit_seed's value
+    for seed, name in [(12, "3"), (1, "23"), (1, "2/3"), (12, "/3")]:
+        assert reinit_seeds(seed, [name], 4, prefixes) == [reinit_seed(seed, name, 4)], (seed, name)
     assert reinit_seeds(1, ["2/3"], 4, prefixes) == [reinit_seed(1, "2/3", 4)] != [reinit_seed(12, "3", 4)]
+    assert len(prefixes) == 3 * len(names) + 4
 
 
 def test_plan_is_rebuilt_only_when_something_changed(monkeypatch):

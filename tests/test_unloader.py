@@ -191,8 +191,8 @@ def test_kept_reset_follows_the_optimizers_state():
         return all(not torch.any(v) if isinstance(v, torch.Tensor) else v == 0
                    for p in adapter for v in opt.state[p].values())
 
-    for round in range(3):  # trained, reset, trained again: the same tensors, the kept grouping
-        train_steps(model, opt, None, 2, seed=round)
+    for i in range(3):  # trained, reset, trained again: the same tensors, the kept grouping
+        train_steps(model, opt, None, 2, seed=i)
         assert not zeroed() and 0 < held() < len(adapter)
         assert reset("reset") == held() and zeroed()
     first = opt.state[adapter[0]]["exp_avg"]
