@@ -25,7 +25,8 @@ With ``--paired``, LoRA and the PLoRA variants are then built again side by side
 turn, one step each per round: each PLoRA step is divided by the LoRA step of its own round, so the
 drift of the machine between variants (several percent on a small, launch-bound model) cancels.
 Each paired median comes with a 95% bootstrap interval over the rounds; a target inside it is
-reported as open: the run does not resolve it. ``--report FILE`` prints a saved run's tables again.
+reported as open: the run does not resolve it. ``--paired-seconds S`` ends the rounds after S
+seconds (a long run under a time limit). ``--report FILE`` prints a saved run's tables again.
 
 Peak memory is ``max_memory_allocated`` from the variant's build to its last step (weights,
 optimizer state, activations and, for compensated, the residuals). Targets: PLoRA/LoRA step time
@@ -179,12 +180,17 @@ def run_paired(variants, args, device, batch):
     names = ["lora"] + [v for v in variants if v.startswith("plora")]
     built = {name: build_variant(name, args, device) for name in names}
     times = {name: [] for name in names}
+    deadline = None
     for i in range(args.warmup + args.paired_steps):
+        if i == args.warmup and args.paired_seconds:
+            deadline = time.perf_counter() + args.paired_seconds
         order = names[i % len(names):] + names[:i % len(names)]
         step = {name: timed_step(*built[name], batch, device)[:2] for name in order}
         if i >= args.warmup:
             for name in names:
                 times[name].append(step[name])
+        if deadline is not None and time.perf_counter() >= deadline:
+            break  # --paired-seconds: as many whole rounds as fit
     del built
     gc.collect()
     lora = [t + u for t, u in times["lora"]]
@@ -320,6 +326,9 @@ def main(argv=None) -> int:
                         "(ratios per round, free of the drift between variants; needs their memory at once)")
     p.add_argument("--paired-steps", type=int, default=None,
                    help="timed rounds of --paired (default: --steps); the same --warmup rounds come first")
+    p.add_argument("--paired-seconds", type=float, default=None,
+                   help="stop the timed rounds of --paired after this many seconds (whole rounds; at most "
+                        "--paired-steps): a long run that must end within a time limit")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.add_argument("--report", type=Path, default=None, metavar="JSON",
                    help="print the tables of a saved --json run again (no measurement)")
@@ -337,6 +346,8 @@ def main(argv=None) -> int:
     args.warmup = args.warmup if args.warmup is not None else (1 if args.small else 3)
     args.steps = args.steps or (3 if args.small else 10)
     args.paired_steps = args.paired_steps or args.steps
+    if args.paired_seconds is not None and not args.paired_seconds > 0:
+        p.error(f"--paired-seconds must be a positive number of seconds, got {args.paired_seconds}")
     device = args.device
     variants = args.variants or ["full", "lora"] + [f"plora {m}" for m in PLORA_MODES] + ["lora (repeat)"]
     if "lora" not in variants:

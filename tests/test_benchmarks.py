@@ -77,6 +77,22 @@ def test_bench_train_step_small_on_cpu(tmp_path):
             assert r["train_vs_lora"] > 0 and len(r["unload_s_all"]) == 4
 
 
+def test_bench_train_step_paired_seconds_ends_the_rounds_in_time(tmp_path, capsys):
+    """--paired-seconds stops after the round that reaches it (whole rounds, the warm-up not counted);
+    a budget that is not a positive number is refused."""
+    bench = load("bench_train_step")
+    out = tmp_path / "step.json"
+    assert bench.main(["--small", "--device", "cpu", "--variants", "lora", "plora direct", "--paired",
+                       "--paired-steps", "50", "--paired-seconds", "1e-9", "--json", str(out)]) == 0
+    paired = json.loads(out.read_text())["paired"]
+    assert [len(r["step_s_all"]) for r in paired] == [1, 1] and len(paired[1]["unload_s_all"]) == 1
+    assert "1 timed rounds" in capsys.readouterr().out
+    for bad in ("0", "-5", "nan"):
+        with pytest.raises(SystemExit):
+            bench.main(["--small", "--device", "cpu", "--paired", "--paired-seconds", bad])
+        assert "--paired-seconds must be a positive number" in capsys.readouterr().err
+
+
 def test_bench_train_step_reports_a_saved_run_and_says_when_a_target_is_open(tmp_path, capsys):
     bench = load("bench_train_step")
     out = tmp_path / "step.json"
