@@ -44,6 +44,7 @@ import gc
 import json
 import platform
 import random
+import shlex
 import statistics
 import sys
 import time
@@ -370,7 +371,7 @@ def main(argv=None) -> int:
     results = {
         "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.processor() or "cpu",
         "torch": torch.__version__,
-        "command": " ".join(["python", "benchmarks/bench_train_step.py"] + list(argv if argv is not None else sys.argv[1:])),
+        "command": shlex.join(["python", "benchmarks/bench_train_step.py"] + list(argv if argv is not None else sys.argv[1:])),
         "model": args.model or f"random {args.config} ({', '.join(f'{k}={v}' for k, v in CONFIGS[args.config].items())})",
         "params": next(r["params"] - r["trainable"] for r in rows if r["variant"] in LORA_RUNS),  # base only
         "batch": args.batch,

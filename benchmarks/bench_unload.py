@@ -48,6 +48,7 @@ import argparse
 import json
 import math
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -453,7 +454,7 @@ def main(argv=None) -> int:
         "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.processor() or "cpu",
         "torch": torch.__version__,
         "triton": _triton_version(),
-        "command": " ".join(["python", "benchmarks/bench_unload.py"] + list(argv if argv is not None else sys.argv[1:])),
+        "command": shlex.join(["python", "benchmarks/bench_unload.py"] + list(argv if argv is not None else sys.argv[1:])),
         "copy": {"GBps": copy_bps / 1e9, "ms": copy_s * 1e3, "bytes": copy_bytes},
         "rank": RANK,
         "models": {},

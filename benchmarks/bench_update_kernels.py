@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -227,8 +228,8 @@ def main(argv=None) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"model": args.model, "copy_GBps": copy_bps / 1e9, "elements": elements,
-                                         "command": " ".join(["python", "benchmarks/bench_update_kernels.py"]
-                                                             + list(argv if argv is not None else sys.argv[1:])),
+                                         "command": shlex.join(["python", "benchmarks/bench_update_kernels.py"]
+                                                           + list(argv if argv is not None else sys.argv[1:])),
                                          "rows": rows}, indent=2))
     return 0 if all(r["same_bits"] is not False for r in rows) else 1
 

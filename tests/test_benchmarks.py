@@ -84,8 +84,10 @@ def test_bench_train_step_paired_seconds_ends_the_rounds_in_time(tmp_path, capsy
     out = tmp_path / "step.json"
     assert bench.main(["--small", "--device", "cpu", "--variants", "lora", "plora direct", "--paired",
                        "--paired-steps", "50", "--paired-seconds", "1e-9", "--json", str(out)]) == 0
-    paired = json.loads(out.read_text())["paired"]
+    results = json.loads(out.read_text())
+    paired = results["paired"]
     assert [len(r["step_s_all"]) for r in paired] == [1, 1] and len(paired[1]["unload_s_all"]) == 1
+    assert "--variants lora 'plora direct' --paired" in results["command"]  # the command as it can be run again
     assert "1 timed rounds" in capsys.readouterr().out
     for bad in ("0", "-5", "nan"):
         with pytest.raises(SystemExit):
