@@ -23,6 +23,9 @@ layer. Timed, each as the median of several repetitions after a warm-up, in one 
   and ``norms only``: the exact ``update_norm`` (``UnloadPlan.update_norms_``) alone, also with
   other options (``--norm-variants``). ``bench_update_kernels.py`` compares the update
   kernels themselves.
+- ``plora <mode>, GPU work only``: the same unload's launch sequences replayed back to back without
+  any of its host work (pointer checks, seeds, the statistics read; ``gpu_work_only``): the floor
+  of its bandwidth share, what it would reach if its host cost nothing (GPU only).
 - ``plora <mode>, no CUDA graphs``: the same unload with its launch sequences launched one by one
   instead of replayed as CUDA graphs (``plora.cuda_graphs``; GPU only).
 - ``plora <mode>, torch path``: the unload with the Triton kernels switched off (GPU only).
@@ -238,6 +241,23 @@ def launched_one_by_one(fn):
     return run
 
 
+def gpu_work_only(plan, sample_rows=64):
+    """The unload's GPU work with none of its host work: a kept plan's three launch sequences (the
+    norms that set the gate, the grouped updates with their sampled statistics, the re-init),
+    replayed back to back as ``unload_`` launches them once the plan is checked, without the
+    pointer checks, the seed hashing and the statistics read. What the unload would take if its
+    host cost nothing: the floor its bandwidth share can reach (GPU only; the plan must have run
+    twice, so that its graphs are captured; one unload index throughout, so the seed tables are
+    made once)."""
+
+    def run():
+        plan.update_norms_()
+        plan.update_fused_(0, 0, sample_rows, norms=False)
+        plan.reinit_(0, 0)
+
+    return run
+
+
 def update_only(layers, mode, plan, residuals, sample_rows=64, **launch):
     """The weight updates of one unload alone: addmm_ (direct, plan=None) or the plan's grouped kernels
     with their statistics on ``sample_rows`` rows per layer (``launch``: keyword options of
@@ -343,6 +363,11 @@ def bench_model(shape, device, args, clock, copy_bps):
         if fused:
             import plora.kernels as kernels
 
+            if plan.device_checked:  # its check is on the device: the replays are all it launches
+                s, _, growth = clock.measure(gpu_work_only(plan, args.landed_sample_rows), prepare, args.reps,
+                                             args.warmup)
+                row(f"plora {mode}, GPU work only (its graphs replayed, no host work)", mode, s, growth,
+                    reference=naive_s, probe=True)
             s, _, growth = clock.measure(launched_one_by_one(unload), prepare, args.reps, args.warmup)
             row(f"plora {mode}, no CUDA graphs", mode, s, growth, reference=naive_s, probe=True)
             real = kernels.fused_available
