@@ -195,6 +195,10 @@ def run_paired(variants, args, device, batch):
     del built
     gc.collect()
     lora = [t + u for t, u in times["lora"]]
+
+    def vs_lora(values):  # the median over the rounds of each value over its round's LoRA step
+        return statistics.median(v / ref for v, ref in zip(values, lora))
+
     out = []
     for name in names:
         total = [t + u for t, u in times[name]]
@@ -202,17 +206,22 @@ def run_paired(variants, args, device, batch):
         row = {"variant": name, "step_s": statistics.median(total), "step_s_all": total,
                "vs_lora_per_round": per_round, "step_vs_lora": statistics.median(per_round)}
         if name != "lora":
-            row["unload_s"] = statistics.median(u for _, u in times[name])
-            row["unload_s_all"] = [u for _, u in times[name]]
-            row["unload_vs_lora"] = statistics.median(u / ref for (_, u), ref in zip(times[name], lora))
+            unload = [u for _, u in times[name]]
+            row["unload_s"] = statistics.median(unload)
+            row["unload_s_all"] = unload
+            row["unload_vs_lora"] = vs_lora(unload)
             # the training step alone (forward, backward, optimizer): what PLoRA's hooks cost between unloads
-            row["train_vs_lora"] = statistics.median(t / ref for (t, _), ref in zip(times[name], lora))
-            row["every_100_vs_lora"] = statistics.median(
-                (t + u / 100) / ref for (t, u), ref in zip(times[name], lora))
-            row["pass"] = {"every step": row["step_vs_lora"] <= TARGET_EVERY_STEP,
-                           "every 100": row["every_100_vs_lora"] <= TARGET_EVERY_100}
+            row["train_vs_lora"] = vs_lora([t for t, _ in times[name]])
+            row["every_100_vs_lora"] = vs_lora([t + u / 100 for t, u in times[name]])
+            row["pass"] = step_targets(row)
         out.append(row)
     return out
+
+
+def step_targets(r: dict) -> dict:
+    """A PLoRA row's step-time ratios against their targets (True: PASS)."""
+    return {"every step": r["step_vs_lora"] <= TARGET_EVERY_STEP,
+            "every 100": r["every_100_vs_lora"] <= TARGET_EVERY_100}
 
 
 def compare(rows):
@@ -226,11 +235,8 @@ def compare(rows):
         if r["peak_bytes"] is not None and ref_peak:
             r["memory_vs_lora"] = r["peak_bytes"] / ref_peak
         if r["variant"].startswith("plora"):
-            r["pass"] = {
-                "every step": r["step_vs_lora"] <= TARGET_EVERY_STEP,
-                "every 100": r["every_100_vs_lora"] <= TARGET_EVERY_100,
-                "memory": r["memory_vs_lora"] <= TARGET_MEMORY if "memory_vs_lora" in r else None,
-            }
+            r["pass"] = {**step_targets(r),
+                         "memory": r["memory_vs_lora"] <= TARGET_MEMORY if "memory_vs_lora" in r else None}
 
 
 def markdown(results) -> str:
@@ -252,14 +258,13 @@ def markdown(results) -> str:
         out.append(f"\nLoRA measured first and last: {a:.1f} and {b:.1f} ms ({100 * abs(a - b) / min(a, b):.1f}% apart); "
                    "the ratios use their mean.")
     if results.get("paired"):
-        rounds = len(results["paired"][0]["step_s_all"])
+        lora_steps = results["paired"][0]["step_s_all"]
         out += [f"\nPaired: LoRA and the PLoRA variants side by side, one step each per round in a rotated order, "
-                f"{results['warmup']} warm-up + {rounds} timed rounds; "
+                f"{results['warmup']} warm-up + {len(lora_steps)} timed rounds; "
                 "ratios are medians over the rounds of each step over the same round's LoRA step.\n",
                 "| variant | step ms | unload ms | unload / LoRA step | train step / LoRA step | vs LoRA, every step "
                 "| 95% interval | vs LoRA, every 100 | 95% interval | targets |",
                 "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
-        lora_steps = results["paired"][0]["step_s_all"]
         out += [paired_row(r, lora_steps) for r in results["paired"]]
         out.append("\n95% interval: of the median per-round ratio, by bootstrap over the rounds "
                    f"({BOOTSTRAP_RESAMPLES} resamples, seed 0). A target inside it is not resolved by this run "

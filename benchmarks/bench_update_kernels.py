@@ -123,16 +123,15 @@ def variant(name, mode):
     bm, bn, warps = kernels_gluon.BLOCK_M, kernels_gluon.BLOCK_N, kernels_gluon.WARPS
     consts = dict(MODE=MODE_ID[mode], HAS_RES=mode == "compensated", FACTOR_DTYPE=tl.float32,
                   BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=16, num_warps=warps)
+    layout, rows = kernels_gluon.tile_layout(bm, bn, warps), kernels_gluon.MAX_ROW_TILES
 
     def run(groups):
         for g in groups:
             tm, tn = -(-g.m // bm), -(-g.n // bn)
             args = (g.ptrs, g.alphas, g.keys, g.count, g.m, g.n, RANK, RANK, 1, g.n, 1)
             if name == "one_tile":
-                uv.one_tile[(tn, tm, g.count)](*args, TILE_LAYOUT=kernels_gluon.tile_layout(bm, bn, warps), **consts)
+                uv.one_tile[(tn, tm, g.count)](*args, TILE_LAYOUT=layout, **consts)
             elif name == "strip":
-                rows = kernels_gluon.MAX_ROW_TILES
-                layout = kernels_gluon.tile_layout(bm, bn, warps)
                 uv.strip[(tn, g.count, -(-tm // rows))](*args, rows, TILE_LAYOUT=layout, **consts)
             else:
                 uv.cuda_core[(tn, tm, g.count)](*args, **consts)

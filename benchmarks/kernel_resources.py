@@ -55,6 +55,7 @@ PIPELINED = {"PTRS": "*i64", "ALPHAS": "*fp32", "KEYS": "*i64", "G": "i32", "M":
              "stride_lm": "i32", "stride_lk": "i32", "stride_rk": "i32", "stride_rn": "i32", "row_tiles": "i32",
              "GATE": "*u8"}
 PIPELINED_ALIGNED = ["PTRS", "ALPHAS", "KEYS", "M", "N", "stride_lm", "stride_rk"]
+NORM_SIGNATURE = {"TABLE": "*i64", "GRAMS": "*fp32"}  # plora.kernels.factor_grams' runtime arguments
 
 
 def compile_sm90(fn, signature: dict, constants: dict, aligned: list, num_warps: int = 4,
@@ -159,7 +160,13 @@ def norm_variants_argument(text: str) -> list[dict]:
     return out
 
 
-NORM_SIGNATURE = {"TABLE": "*i64", "GRAMS": "*fp32"}
+def resource_cells(kernel, num_warps: int) -> tuple[str, dict]:
+    """A compiled kernel's table cells (registers/thread, spill stack B, shared KiB, programs/SM by
+    registers and by shared) and its ``occupancy``."""
+    (regs, stack), shared = registers(kernel), kernel.metadata.shared
+    occ = occupancy(regs, shared, num_warps)
+    return (f"{regs} | {stack} | {shared / 1024:.0f} | {occ['programs']} ({occ['by_registers']}, "
+            f"{occ['by_shared']})"), occ
 
 
 def norm_rows(variants: list[dict]) -> list[str]:
@@ -178,22 +185,17 @@ def norm_rows(variants: list[dict]) -> list[str]:
                      "PRECISION": v["precision"]}
         k = compile_sm90(kernels.factor_grams, NORM_SIGNATURE, constants, ["TABLE", "GRAMS"], v["warps"],
                          num_stages=v["stages"])
-        (regs, stack), shared = registers(k), k.metadata.shared
-        occ = occupancy(regs, shared, v["warps"])
         label = "factor_grams (plora's default)" if i == 0 else "factor_grams"
-        rows.append(f"| {label} | {v['chunk']} | {v['warps']} | {v['precision']} | {v['stages']} | {regs} | "
-                    f"{stack} | {shared / 1024:.0f} | {occ['programs']} ({occ['by_registers']}, "
-                    f"{occ['by_shared']}) |")
+        rows.append(f"| {label} | {v['chunk']} | {v['warps']} | {v['precision']} | {v['stages']} | "
+                    f"{resource_cells(k, v['warps'])[0]} |")
     return rows
 
 
 def update_row(kind: str, mode: str, stats: bool, tile: str, warps: int, kernel) -> str:
     """One row of the update kernels' table, for a compiled kernel."""
-    (regs, stack), shared = registers(kernel), kernel.metadata.shared
-    occ = occupancy(regs, shared, warps)
-    return (f"| {kind} | {mode} | {'yes' if stats else 'no'} | {tile} | {warps} | {regs} | {stack} | "
-            f"{shared / 1024:.0f} | {occ['programs']} ({occ['by_registers']}, {occ['by_shared']}) | "
-            f"{occ['warps']} | {kernel.asm['ptx'].count('bar.sync')} |")
+    cells, occ = resource_cells(kernel, warps)
+    return (f"| {kind} | {mode} | {'yes' if stats else 'no'} | {tile} | {warps} | {cells} | {occ['warps']} | "
+            f"{kernel.asm['ptx'].count('bar.sync')} |")
 
 
 def main(argv=None) -> int:
