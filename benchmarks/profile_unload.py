@@ -4,13 +4,13 @@
 on the 7B shape; docs/results/performance.md) is what this script takes apart. It unloads the Llama-shaped linear layers of
 ``bench_unload`` a few times with a kept ``UnloadPlan`` (as ``PeriodicUnloader`` does), profiles the
 last unloads with each phase of ``plora.unload._enqueue_unload`` marked (the update norms
-launched ahead of the plan's refresh, the refresh, the finiteness check with its host sync (where
-the plan checks on the host: a device-checked plan leaves it to the kernels' gate), the grouped
-updates, the re-init, the next unload's seeds; the rest is the torch-path layers and the final
-statistics sync),
+launched ahead of the plan's refresh, the sampled statistics launched once the weights are checked,
+the refresh, the finiteness check with its host sync (where the plan checks on the host: a
+device-checked plan leaves it to the kernels' gate), the grouped updates, the re-init, the next
+unload's seeds; the rest is the torch-path layers and the final statistics sync),
 and prints per phase its host time, then for the whole unload its wall time, the time the GPU was
-busy (the union of its kernels and copies) and how long the GPU waited before the first kernel of
-the triton tile code (``unload_tile*``: the sampled statistics pass, right before the first update).
+busy (the union of its kernels and copies) and how long the GPU waited before the first update
+kernel (``update_pipelined``; ``unload_tile*`` where the triton kernel updates).
 ``--host-only`` times the same phases by ``time.perf_counter`` without the profiler, whose own
 overhead inflates host times::
 
@@ -40,7 +40,8 @@ from plora.layers import adapted_layers  # noqa: E402
 from plora.unload import unload_  # noqa: E402
 from plora.unload_plan import UnloadPlan  # noqa: E402
 
-PHASES = {"norms_ahead_": "norms launched ahead", "refresh": "refresh", "nonfinite": "finiteness check",
+PHASES = {"norms_ahead_": "norms launched ahead", "sample_stats_": "sampled statistics", "refresh": "refresh",
+          "nonfinite": "finiteness check",
           "update_fused_": "grouped updates", "reinit_": "re-init", "scale_b_": "scale B",
           "prepare_keys": "next unload's seeds"}
 GPU_WORK = ("kernel", "gpu_memcpy", "gpu_memset")  # what occupies the GPU in a chrome trace
@@ -109,7 +110,8 @@ def analyse(trace: dict) -> dict:
             if start <= m["ts"] <= end:
                 label = m["name"][len("plora: "):]
                 phases[label] = phases.get(label, 0.0) + m["dur"]
-        updates = [s for s, _, n in inside if "unload_tile" in n]
+        updates = ([s for s, _, n in inside if "update_pipelined" in n]
+                   or [s for s, _, n in inside if "unload_tile" in n])
         rows.append({
             "wall_us": u["dur"],
             "gpu_busy_us": union_length([(max(s, start), min(e, end)) for s, e, _ in inside]),

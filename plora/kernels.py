@@ -530,6 +530,7 @@ def grouped_update_(
     pipelined: bool | None = None,
     row_tiles: int | None = None,
     gate: torch.Tensor | None = None,
+    passes: str = "both",
 ) -> None:
     """``fused_update_`` for a group of layers in one launch; each layer gets the same bits as alone.
 
@@ -560,7 +561,12 @@ def grouped_update_(
     the residual stay as they are; it still loads and computes, and the statistics are garbage), so
     a caller can decide on the device, after launching, whether the update happens (``UnloadPlan``'s
     finiteness check without a host sync).
+    ``passes``: "both" (the default), or only the sampled statistics pass ("stats"; nothing to launch
+    when the statistics are summed in the update pass) or only the update pass ("update", after a
+    "stats" launch), so that a caller can run the statistics earlier (``UnloadPlan.sample_stats_``).
     """
+    if passes not in ("both", "stats", "update"):
+        raise ValueError(f"passes must be 'both', 'stats' or 'update', got {passes!r}")
     M, N, K = shape
     G = ptrs.shape[1]
     block_m, block_n = _block_sizes(N)
@@ -574,11 +580,13 @@ def grouped_update_(
                    BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=16 if K <= 16 else 32, num_warps=num_warps,
                    **({"maxnreg": max_registers} if max_registers else {}))
     sampled = has_stats and step > 1
-    if sampled:
+    if sampled and passes != "update":
         # The statistics of the sampled row tiles first, from W as it is (the same tile code, no
         # stores), then the update without statistics: their reductions and atomics in every
         # program took the kernel from 80% of copy bandwidth to 54% on an H200 (bench_unload).
         unload_tile_grouped[(_cdiv(tiles_m, step), tiles_n, G)](*args, step, HAS_STATS=True, STORE=False, **options)
+    if passes == "stats":
+        return
     triton_only = tile is not None or max_registers is not None or any(
         v is not None for v in (cols_first, streaming, load_first))
     stats_in_update = has_stats and not sampled

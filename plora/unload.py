@@ -121,7 +121,8 @@ def _update_rows(W2d, r2d, d_rows_fn, rows: slice, mode: str, generator) -> None
 def _unload_layer(layer: AdaptedLayer, momentum: float, mode: str, residual, sample_rows: int, generator):
     """Merge ``momentum`` of one layer's update into its base weight (torch path).
 
-    Returns a device tensor (norm², landed·expected, expected²) over the sampled rows."""
+    Returns a float64 device tensor (norm², landed·expected, expected², 0) over the sampled rows (the
+    0: no gate closed, as ``UnloadPlan.update_fused_``'s last element says for the fused layers)."""
     W = layer.weight.data
     W2d = W.view(W.shape[0], -1)
     r2d = residual.view(W.shape[0], -1) if residual is not None else None
@@ -160,7 +161,8 @@ def _unload_layer(layer: AdaptedLayer, momentum: float, mode: str, residual, sam
             _update_rows(W2d, r2d, d_rows_fn, slice(start, start + chunk), mode, generator)
     landed = state_rows() - before
     # stay on the device: one host sync per unload, not per layer
-    return torch.stack([norm2.double(), (landed * expected).sum().double(), expected.square().sum().double()])
+    zero = torch.zeros((), dtype=torch.float64, device=W.device)
+    return torch.stack([norm2.double(), (landed * expected).sum().double(), expected.square().sum().double(), zero])
 
 
 @torch.no_grad()
@@ -214,12 +216,12 @@ def unload_(
 
 
 def _results(sums: torch.Tensor | None, plan: UnloadPlan) -> tuple[float, float, float, bool]:
-    """(norm², landed·expected, expected², every gate open) from the device, in one read."""
-    gates = plan.gates()
+    """(norm², landed·expected, expected², every gate open) from the device, in one read: ``sums``
+    adds up the parts of every path, whose last element counts the closed gates (``update_fused_``)."""
     if sums is None:
         return 0.0, 0.0, 0.0, True
-    values = torch.cat([sums, *(g.to(sums.device, sums.dtype) for g in gates)]).tolist()
-    return values[0], values[1], values[2], all(values[3:])
+    values = sums.tolist()
+    return values[0], values[1], values[2], values[3] == 0
 
 
 def _enqueue_unload(model, momentum, *, adapter_name, merge_precision, seed, unload_index, on_nonfinite, residuals,
@@ -242,7 +244,8 @@ def _enqueue_unload(model, momentum, *, adapter_name, merge_precision, seed, unl
     kept = plan is not None  # the caller's plan serves the next unload too
     if plan is None:
         plan = UnloadPlan(adapted_layers(model, adapter_name) if layers is None else layers)
-    bad = plan.check_(merge_precision, momentum, residuals, on_device=check_on_device)  # None: on the device
+    bad = plan.check_(merge_precision, momentum, residuals, on_device=check_on_device,
+                      stats_for=(seed, unload_index, landed_sample_rows))  # None: on the device
     if bad and on_nonfinite == "raise":
         raise FloatingPointError(
             f"refusing to unload: the adapter holds NaN/Inf in {len(bad)} layer(s), e.g. {bad[:3]}; "
@@ -255,7 +258,7 @@ def _enqueue_unload(model, momentum, *, adapter_name, merge_precision, seed, unl
         plan = UnloadPlan([layer for layer in plan.layers if layer.name not in skipped])
         plan.refresh(merge_precision, momentum, residuals)
         plan.update_norms_()
-    sums = None  # (norm², landed·expected, expected²), accumulated on the device
+    sums = None  # (norm², landed·expected, expected², closed gates), accumulated on the device
     for part in plan.update_fused_(seed, unload_index, landed_sample_rows, norms=False):  # norms: above
         sums = part if sums is None else sums + part.to(sums.device)
     for layer, mode, residual in plan.torch_work:

@@ -10,8 +10,10 @@ An ``UnloadPlan`` sorts the layers once:
   pointers of W, residual, L, R; alpha = momentum * scaling; a stats slot per layer) and is updated
   by one launch of ``plora.kernels.grouped_update_``. The exact update norms of all fused layers of
   a device (its finiteness check) come from one launch pair per factor dtype and padded rank
-  (``plora.kernels.update_norms_`` over a ``NormTable``), launched by ``norms_ahead_`` while the
-  host still checks the rest of the plan;
+  (``plora.kernels.update_norms_`` over a ``NormTable``), launched by ``norms_ahead_`` before the
+  host checks the plan's pointers, and the sampled statistics of the updates (``sample_stats_``)
+  as soon as the weights are found unchanged, so that the GPU runs both while the host checks the
+  rest;
 - every other layer (CPU, fp32 or fp16 weights, conv) keeps the per-layer torch path of
   ``plora.unload``.
 
@@ -20,8 +22,9 @@ every weight, factor and residual and the scalings against those the plan was bu
 rebuilds the plan if anything changed (``model.to()``, a load that replaced tensors, a new
 residual buffer, another momentum or merge precision).
 
-On one CUDA device the plan's three launch sequences (the norms, the grouped updates with their
-statistics, the fused re-init) are captured as CUDA graphs at their second run and replayed from then on
+On one CUDA device the plan's four launch sequences (the norms, the sampled statistics, the grouped
+updates with the sums the unload reads, the fused re-init) are captured as CUDA graphs at their second
+run and replayed from then on
 (``plora.cuda_graphs``): their tables stay where they are until a rebuild, which drops the graphs,
 and the per-unload seeds are written into one persistent device buffer per device.
 
@@ -49,6 +52,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -141,6 +145,7 @@ class _DeviceWork:
     zero_fills: list[_FillGroup]  # the B factors of the fills' layers (those contiguous and aligned)
     b_rest: list[torch.Tensor]  # the fills' layers' other B tensors (zeroed by a foreach op)
     gate: torch.Tensor  # uint8 (1,): 1 if every update norm of the device is finite (set by update_norms_)
+    result: torch.Tensor  # fp64 (4,): what update_fused_ returns: the stats table's sums, then 1 if the gate is closed
 
 
 class UnloadPlan:
@@ -158,13 +163,16 @@ class UnloadPlan:
     def __init__(self, layers: list[AdaptedLayer]):
         self.layers = list(layers)
         slots = [layer.tensor_slots() for layer in self.layers]  # W, A, B, (lora_bias) per layer
-        self._factor_slots = [slot for own in slots for slot in own[1:3]]
-        self._other_slots = [slot for own in slots for slot in own[:1] + own[3:]]
-        self._scalings = [(layer.module.scaling, layer.adapter) for layer in self.layers]
+        # (dicts, keys) of the tensors the refresh checks: W and lora_bias, then the factors
+        self._other_slots = _split([slot for own in slots for slot in own[:1] + own[3:]])
+        self._factor_slots = _split([slot for own in slots for slot in own[1:3]])
+        self._scalings = _split([(layer.module.scaling, layer.adapter) for layer in self.layers])
         self._names = [layer.name for layer in self.layers]
         self._key = None
         self._devices: list[_DeviceWork] = []  # built by refresh
+        self._held: list[torch.Tensor] = []  # the fused factors' storages, kept while the tables point there
         self._keys = None
+        self._stats_for = None  # (seed, unload_index, sample_rows) of the statistics passes last launched
         self._seed_prefixes: dict = {}  # (seed, layer name) -> its hash state (reinit_seeds)
         self._graphs = GraphCache()  # the launch sequences of this plan's tables, as CUDA graphs
         self.device_checked = False  # set by refresh
@@ -172,32 +180,43 @@ class UnloadPlan:
 
     # --- build and revalidate ---------------------------------------------------------------------
     def refresh(self, merge_precision: str, momentum: float, residuals: dict | None,
-                factor_ptrs: list[int] | None = None) -> bool:
+                weights: tuple | None = None) -> bool:
         """Rebuild the plan unless it was built for these arguments and these very tensors; True
-        if it was rebuilt (its norms, if computed, are then stale: ``update_norms_`` again).
-        ``factor_ptrs``: the factor pointers ``norms_ahead_`` has just read (not read again).
+        if it was rebuilt (its norms and statistics, if computed, are then stale: ``update_norms_``
+        again). ``weights``: what ``_weights_signature`` has just returned (not read again).
 
         Missing compensated residual buffers are created (zero) on a rebuild, as the unload needs them.
         """
-        if self._key == self._signature(merge_precision, momentum, residuals, factor_ptrs):
+        if weights is None:
+            weights = self._weights_signature(merge_precision, momentum, residuals)
+        if self._key is not None and self._key[0] == weights and self._key[1] == self._adapter_signature():
             return False
         self._build(merge_precision, float(momentum), residuals)
-        self._key = self._signature(merge_precision, momentum, residuals)
+        self._key = (self._weights_signature(merge_precision, momentum, residuals), self._adapter_signature())
         return True
 
     def check_(self, merge_precision: str, momentum: float, residuals: dict | None,
-               on_device: bool = False) -> list[str] | None:
-        """``refresh``, then ``nonfinite`` of the factors as they are now. The norms are launched
-        ahead of the refresh's remaining checks when the plan's factor tensors are unchanged
-        (``norms_ahead_``), and again after a rebuild; ``update_fused_(norms=False)`` builds on them.
+               on_device: bool = False, stats_for: tuple[int, int, int] | None = None) -> list[str] | None:
+        """``refresh``, then ``nonfinite`` of the factors as they are now.
+
+        What the GPU can do before the refresh has checked every pointer is launched first, so that
+        it works while the host checks (1B-shaped model: 112 weights and 224 factors): the norms
+        (``norms_ahead_``) right away, on the factors the plan holds; then, once the weights,
+        residuals, merge precision and momentum are found unchanged, the sampled statistics of the
+        update to come (``stats_for`` = (seed, unload_index, sample_rows), ``sample_stats_``),
+        which read the weights. A rebuild computes both again; ``update_fused_(norms=False)``
+        builds on them.
 
         ``on_device=True`` on a ``device_checked`` plan returns None instead, without a host sync:
         the norms have set the device's gate, and every kernel of the unload that writes reads it,
         so a non-finite adapter makes the whole unload write nothing (``gates()`` tell afterwards).
         After a check that found a non-finite adapter, the next one runs on the host (an adapter
         left non-finite under ``on_nonfinite='skip'`` would otherwise cost two passes each time)."""
-        factor_ptrs, ahead = self.norms_ahead_()
-        if self.refresh(merge_precision, momentum, residuals, factor_ptrs) or not ahead:
+        ahead = self.norms_ahead_()
+        weights = self._weights_signature(merge_precision, momentum, residuals)
+        if ahead and stats_for is not None and self._key[0] == weights:
+            self.sample_stats_(*stats_for)
+        if self.refresh(merge_precision, momentum, residuals, weights) or not ahead:
             self.update_norms_()
         if on_device and self.device_checked and not self.host_check_next:
             return None
@@ -208,34 +227,37 @@ class UnloadPlan:
     def gates(self) -> list[torch.Tensor]:
         """Per device, its gate: uint8 (1,), 1 if the norms last computed were all finite (then the
         writing kernels launched since wrote), 0 if not (then they wrote nothing). The kernels obey
-        it on every path; ``unload_`` reads it on every path, with the statistics."""
+        it on every path; ``update_fused_`` returns it with the statistics, which ``unload_`` reads."""
         return [work.gate for work in self._devices]
 
-    def norms_ahead_(self) -> tuple[list[int], bool]:
-        """Launch ``update_norms_`` before the ``refresh`` that must follow, if the plan is built and
-        its factor tensors are the ones it was built from (the norm kernels read nothing else, and
-        write only the plan's own tables): the GPU then computes the norms while the host checks the
-        rest of the plan. Returns the factor pointers it read (for that refresh) and whether it
-        launched; the norms stand unless that refresh rebuilds."""
-        factor_ptrs = self._factor_pointers()
-        if self._key is None or not self._devices or self._key[2] != factor_ptrs:
-            return factor_ptrs, False
+    def norms_ahead_(self) -> bool:
+        """Launch ``update_norms_`` before the ``refresh`` that must follow, if the plan is built
+        (and has fused layers): the GPU then computes the norms while the host checks the plan's
+        pointers. The norm kernels read only the factors the plan's tables point to, whose
+        storage the plan holds (``_held``: the very tensors of the model's adapter, so no memory
+        beyond it, unless one was replaced since the last refresh, which then rebuilds and lets
+        go), and write only the plan's own tables. Returns whether it launched; the norms stand
+        unless that refresh rebuilds."""
+        if self._key is None or not self._devices:
+            return False
         self.update_norms_()
-        return factor_ptrs, True
+        return True
 
-    def _factor_pointers(self) -> list[int]:
-        return [d[k].data_ptr() for d, k in self._factor_slots]
-
-    def _signature(self, merge_precision, momentum, residuals, factor_ptrs=None) -> tuple:
-        factors = factor_ptrs if factor_ptrs is not None else self._factor_pointers()
-        others = [d[k].data_ptr() for d, k in self._other_slots]
+    def _weights_signature(self, merge_precision, momentum, residuals) -> tuple:
+        """What the statistics passes depend on besides the factors: precision, momentum, and the
+        pointers of the weights (and lora_bias), and of the residuals."""
         res = None if residuals is None else [
             0 if (r := residuals.get(name)) is None else r.data_ptr() for name in self._names]
-        return merge_precision, momentum, factors, others, res, [d[a] for d, a in self._scalings]
+        return merge_precision, momentum, _pointers(self._other_slots), res
+
+    def _adapter_signature(self) -> tuple:
+        return _pointers(self._factor_slots), list(map(operator.getitem, *self._scalings))
 
     def _build(self, merge_precision: str, momentum: float, residuals: dict | None) -> None:
         self._keys = None  # the seed tables of _seed_keys, made for the groups built here
-        self._graphs.clear()  # captured with the old tables
+        self._stats_for = None
+        self._graphs.clear()  # captured with the old tables (waits for the graphs launched)
+        self._held = []  # (the old tables are gone with the graphs)
         self.modes: dict[str, int] = {}
         self.torch_work: list[tuple[AdaptedLayer, str, torch.Tensor | None]] = []
         self.bias_layers = [layer for layer in self.layers if layer.lora_bias is not None]
@@ -261,6 +283,9 @@ class UnloadPlan:
                    mode, residual is not None, nth)
             fused.setdefault(key, []).append((layer, residual, L, R))
         self._devices = self._device_work(fused, momentum)
+        # aliases of the factors' storage: a factor given new storage leaves the old one alive for
+        # the norms launched ahead of the next refresh, which then rebuilds (norms_ahead_)
+        self._held = [t.detach() for members in fused.values() for _, _, L, R in members for t in (L, R)]
         # the fused layers' factors are checked through their update norms (``nonfinite``); every
         # other adapter tensor (the torch path's layers, a fused layer's lora_bias) by a norm of its own
         by_norm = {name for work in self._devices for g in work.updates for name in g.names}
@@ -319,7 +344,8 @@ class UnloadPlan:
             zero_fills, b_rest = _zero_groups(device, [t for _, members in groups for layer, _, _, _ in members
                                                        if layer.name in filled for t in layer.b_tensors()])
             gate = torch.ones(1, dtype=torch.uint8, device=device)
-            out.append(_DeviceWork(device, stats, updates, fills, norms, keys, zero_fills, b_rest, gate))
+            result = torch.zeros(4, dtype=torch.float64, device=device)
+            out.append(_DeviceWork(device, stats, updates, fills, norms, keys, zero_fills, b_rest, gate, result))
         return out
 
     # --- what an unload runs ------------------------------------------------------------------------
@@ -362,10 +388,12 @@ class UnloadPlan:
         """Every fused layer's stats row set to [exact update norm², 0, 0] (``kernels.update_norms_``
         per device, factor dtype and padded rank: a zeroed buffer and two launches each; ``launch``
         its benchmark options): what ``nonfinite`` reads and ``update_fused_(norms=False)`` then
-        builds on."""
+        builds on. The zeros restart the sums of the statistics passes (``sample_stats_``)."""
         if not self._devices:
             return
         from plora import kernels
+
+        self._stats_for = None
 
         def launch_all():
             for work in self._devices:
@@ -377,16 +405,45 @@ class UnloadPlan:
 
         self._launches("norms", launch_all, launch)
 
+    def sample_stats_(self, seed: int, unload_index: int, sample_rows: int, **launch) -> None:
+        """Launch the statistics passes of the grouped updates to come (``update_fused_`` with the same
+        arguments): on about ``sample_rows`` rows per layer, from W as it is, adding [landed·d, d·d]
+        to the stats rows that ``update_norms_`` has just reset (with ``sample_rows`` 0, or a layer
+        of few rows, the update pass sums them over every row itself, and there is nothing to launch
+        here). They read W, the residuals and the factors and write only the stats table: ``check_``
+        launches them once the weights are checked, before the factors are, so that the GPU runs
+        them while the host checks the rest."""
+        if not self._devices:
+            return
+        from plora import kernels
+
+        seed_tables = self._seed_keys(seed, unload_index)  # before any capture: new values, fixed addresses
+
+        def launch_all():
+            for work, (work_tables, _) in zip(self._devices, seed_tables):
+                tables = iter(work_tables)  # one per stochastic group, in group order
+                with _on(work.device):
+                    for g in work.updates:
+                        keys = next(tables) if g.mode == "stochastic" else None
+                        kernels.grouped_update_(g.ptrs, g.alphas, keys, g.stats, g.shape, g.strides,
+                                                g.factor_dtype, g.mode, g.has_res, sample_rows=sample_rows,
+                                                gate=work.gate, passes="stats", **launch)
+
+        self._launches(("stats", sample_rows), launch_all, launch)
+        self._stats_for = (seed, unload_index, sample_rows)
+
     def update_fused_(self, seed: int, unload_index: int, sample_rows: int = 0, *, norms: bool = True,
                       **launch) -> list[torch.Tensor]:
-        """Launch the grouped updates; per device, a float64 device tensor [norm², landed·d, d·d]:
-        the norm² of the merged update over every element, the other two over about ``sample_rows``
-        rows per layer (0 = all), as ``unload._unload_layer`` returns them. These tensors may be
-        the plan's own (a CUDA graph's outputs), which the next unload overwrites: read them first.
+        """Launch the grouped updates; per device, a float64 device tensor [norm², landed·d, d·d,
+        closed]: the norm² of the merged update over every element, the next two over about
+        ``sample_rows`` rows per layer (0 = all), as ``unload._unload_layer`` returns them, then 1
+        if the device's gate was closed (its kernels wrote nothing), else 0. These tensors are the
+        plan's own (a CUDA graph's outputs), which the next unload overwrites: read them first.
 
         ``norms=False``: ``update_norms_`` has just computed the norms for this plan and these
         factors (``check_`` runs it before the finiteness check), so the stats table is used as it
-        left it (the benchmark's ``has_stats=False`` skips them as well).
+        left it (the benchmark's ``has_stats=False`` skips them as well). The statistics passes run
+        first, unless ``sample_stats_`` has launched them for these arguments since the norms.
 
         Stochastic rounding draws from ``reinit_seed(seed, layer, unload_index)``, as a layer
         updated on its own by ``kernels.fused_update_`` with that seed would. ``launch`` goes to
@@ -398,6 +455,9 @@ class UnloadPlan:
 
         if norms and launch.get("has_stats", True):
             self.update_norms_()
+        if self._stats_for != (seed, unload_index, sample_rows) or launch:
+            self.sample_stats_(seed, unload_index, sample_rows, **launch)
+        self._stats_for = None  # the update passes add to the same sums
         seed_tables = self._seed_keys(seed, unload_index)  # before any capture: new values, fixed addresses
 
         def launch_all():
@@ -409,8 +469,11 @@ class UnloadPlan:
                         keys = next(tables) if g.mode == "stochastic" else None
                         kernels.grouped_update_(g.ptrs, g.alphas, keys, g.stats, g.shape, g.strides,
                                                 g.factor_dtype, g.mode, g.has_res, sample_rows=sample_rows,
-                                                gate=work.gate, **launch)
-                    out.append(work.stats.sum(0, dtype=torch.float64))
+                                                gate=work.gate, passes="update", **launch)
+                    # the unload's one read: the sums and the gate together (no launch after the graph)
+                    torch.sum(work.stats, 0, dtype=torch.float64, out=work.result[:3])
+                    torch.logical_not(work.gate, out=work.result[3:])
+                    out.append(work.result)
             return out
 
         return self._launches(("updates", sample_rows), launch_all, launch)
@@ -476,6 +539,20 @@ class UnloadPlan:
             scalar = factor if device.type == "cuda" else torch.tensor(factor, dtype=torch.float64)
             for tensors, _ in groups:
                 torch._foreach_mul_(tensors, scalar)
+
+
+_DATA_PTR = torch.Tensor.data_ptr
+
+
+def _split(slots: list[tuple]) -> tuple[list, list]:
+    """[(dict, key), ...] -> ([dicts], [keys]): what ``_pointers`` maps over."""
+    return [d for d, _ in slots], [k for _, k in slots]
+
+
+def _pointers(slots: tuple[list, list]) -> list[int]:
+    """The data pointers of ``dicts[i][keys[i]]``, in one pass of C-level maps (the refresh reads a few
+    hundred at every unload, in front of its updates)."""
+    return list(map(_DATA_PTR, map(operator.getitem, *slots)))
 
 
 def _on(device: torch.device):

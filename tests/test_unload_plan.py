@@ -306,10 +306,11 @@ def check_misaligned_weight_takes_the_torch_path(device):
 
 def check_cached_plan_gives_the_throwaway_plans_result(device):
     """A plan kept over several unloads (its pointer tables, the update norms it launches ahead of
-    its refresh, and the seed tables it makes ahead for the next unload index reused) gives what a
-    fresh plan gives, statistics included: over stretches of one momentum (the plan reused), when
-    the index jumps, the momentum changes, or a factor gets new storage within a stretch (the norms
-    launched ahead must then not be those of the old one)."""
+    its refresh, the statistics it launches before the factors are checked, and the seed tables it
+    makes ahead for the next unload index reused) gives what a fresh plan gives, statistics
+    included: over stretches of one momentum (the plan reused), when the index jumps, the momentum
+    changes, or a factor gets new storage within a stretch (the norms and statistics launched ahead
+    then read the old factor, which the plan holds: they must not be what the unload uses)."""
     # (unload index, momentum, a factor given new storage first)
     steps = [(0, 1.0, False), (1, 1.0, False), (3, 1.0, False), (4, 0.5, False), (5, 0.5, False),
              (6, 0.5, True), (8, 1.0, False), (9, 1.0, False)]
@@ -318,11 +319,12 @@ def check_cached_plan_gives_the_throwaway_plans_result(device):
         for cached in (True, False):
             model = toy_peft(torch.bfloat16).to(device)
             plan = UnloadPlan(adapted_layers(model)) if cached else None
-            builds, ahead = [], []
+            builds, ahead, early = [], [], []
             if cached:
-                real_build, real_ahead = plan._build, plan.norms_ahead_
+                real_build, real_ahead, real_stats = plan._build, plan.norms_ahead_, plan.sample_stats_
                 plan._build = lambda *a: builds.append(1) or real_build(*a)
-                plan.norms_ahead_ = lambda: (out := real_ahead()) and ahead.append(out[1]) or out
+                plan.norms_ahead_ = lambda: ahead.append(real_ahead()) or ahead[-1]
+                plan.sample_stats_ = lambda *a: early.append(len(ahead)) or real_stats(*a)
             residuals, got = {}, []
             for i, (index, momentum, new_storage) in enumerate(steps):
                 randomise_adapters_(model, seed=i)
@@ -335,9 +337,14 @@ def check_cached_plan_gives_the_throwaway_plans_result(device):
             results.append([t.clone() for t in model.state_dict().values()] + list(residuals.values()))
             norms.append(got)
             if cached:  # rebuilt at a new momentum or storage only; the norms launched ahead of the
-                # refresh (fused layers only) unless a factor pointer changed (new plan, new storage)
-                fused = [False, True, True, True, True, False, True, True]
-                assert len(builds) == 4 and ahead == (fused if plan._devices else [False] * 8), ahead
+                # refresh once the plan is built (fused layers only); the statistics before the
+                # factors are checked unless the momentum changed (then once more after the rebuild,
+                # as after every rebuild: from update_fused_)
+                fused = bool(plan._devices)
+                assert len(builds) == 4 and ahead == [False] + [fused] * 7, ahead
+                # unloads (1-based) that launched them: the first three of the rebuilt ones (1, 4, 7)
+                # only after the rebuild, the fourth (6, new storage) before and after it
+                assert early == ([1, 2, 3, 4, 5, 6, 6, 7, 8] if fused else []), early
         assert len(results[0]) == len(results[1])
         assert all(torch.equal(a, b) for a, b in zip(*results)), precision
         for (n1, s1), (n2, s2) in zip(*norms):  # fp32 atomics: the order of the sums may differ on a GPU
