@@ -243,16 +243,15 @@ def launched_one_by_one(fn):
 
 def gpu_work_only(plan, sample_rows=64):
     """The unload's GPU work with none of its host work: a kept plan's four launch sequences (the
-    norms that set the gate, on a side stream, beside them the sampled statistics, then the
-    grouped updates, the re-init), replayed back to back as ``unload_`` launches them once the
-    plan is checked, without the
+    norms that set the gate, the sampled statistics, the grouped updates, the re-init),
+    replayed back to back as ``unload_`` launches them once the plan is checked, without the
     pointer checks, the seed hashing and the statistics read. What the unload would take if its
     host cost nothing: the floor its bandwidth share can reach (GPU only; the plan must have run
     twice, so that its graphs are captured; one unload index throughout, so the seed tables are
     made once)."""
 
     def run():
-        plan.norms_ahead_()
+        plan.update_norms_()
         plan.sample_stats_(0, 0, sample_rows)
         plan.update_fused_(0, 0, sample_rows, norms=False)
         plan.reinit_(0, 0)

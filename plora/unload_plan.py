@@ -115,7 +115,7 @@ class _UpdateGroup:
     has_res: bool
     ptrs: torch.Tensor  # int64 (4, G): W, residual (W without one), L, R
     alphas: torch.Tensor  # fp32 (G,)
-    stats: torch.Tensor  # fp32 (G, 3): a view into its device's sums table (columns 1 and 2 written)
+    stats: torch.Tensor  # fp32 (G, 3): a view into its device's stats table
 
 
 @dataclass
@@ -132,14 +132,12 @@ class _FillGroup:
 
 @dataclass
 class _DeviceWork:
-    """The fused work of one device: its groups, the stats and sums tables they write into, the
-    tables of the norms' launches (one per factor dtype and padded rank, every fused layer of the
-    device), and the buffer its seeds are written into."""
+    """The fused work of one device: its groups, the stats table they write into, the tables of the
+    norms' launches (one per factor dtype and padded rank, every fused layer of the device), and the
+    buffer its seeds are written into."""
 
     device: torch.device
-    tables: torch.Tensor  # fp32 (2, layers, 3): stats, then sums (one reduction gives the unload's sums)
-    stats: torch.Tensor  # fp32 (layers, 3): [norm², 0, 0] per layer, written by the norms
-    sums: torch.Tensor  # fp32 (layers, 3): [0, landed·d, d·d] per layer, zeroed and summed by the statistics
+    stats: torch.Tensor  # fp32 (layers, 3): [norm², landed·d, d·d] per layer
     updates: list[_UpdateGroup]
     fills: list[_FillGroup]
     norms: list  # kernels.NormTable per factor dtype and padded rank
@@ -147,7 +145,7 @@ class _DeviceWork:
     zero_fills: list[_FillGroup]  # the B factors of the fills' layers (those contiguous and aligned)
     b_rest: list[torch.Tensor]  # the fills' layers' other B tensors (zeroed by a foreach op)
     gate: torch.Tensor  # uint8 (1,): 1 if every update norm of the device is finite (set by update_norms_)
-    result: torch.Tensor  # fp64 (4,): update_fused_'s: the sums over both tables, then 1 if the gate is closed
+    result: torch.Tensor  # fp64 (4,): what update_fused_ returns: the stats table's sums, then 1 if the gate is closed
 
 
 class UnloadPlan:
@@ -177,8 +175,6 @@ class UnloadPlan:
         self._stats_for = None  # (seed, unload_index, sample_rows) of the statistics passes last launched
         self._seed_prefixes: dict = {}  # (seed, layer name) -> its hash state (reinit_seeds)
         self._graphs = GraphCache()  # the launch sequences of this plan's tables, as CUDA graphs
-        self._side = None  # the CUDA stream norms_ahead_ launches on
-        self._joining = None  # (current stream, side stream) while the norms launched ahead are not joined
         self.device_checked = False  # set by refresh
         self.host_check_next = False  # the last check found a non-finite adapter: check on the host
 
@@ -219,8 +215,7 @@ class UnloadPlan:
         ahead = self.norms_ahead_()
         weights = self._weights_signature(merge_precision, momentum, residuals)
         if ahead and stats_for is not None and self._key[0] == weights:
-            self.sample_stats_(*stats_for)  # on the current stream, while the norms run on the side one
-        self._join()
+            self.sample_stats_(*stats_for)
         if self.refresh(merge_precision, momentum, residuals, weights) or not ahead:
             self.update_norms_()
         if on_device and self.device_checked and not self.host_check_next:
@@ -242,41 +237,11 @@ class UnloadPlan:
         storage the plan holds (``_held``: the very tensors of the model's adapter, so no memory
         beyond it, unless one was replaced since the last refresh, which then rebuilds and lets
         go), and write only the plan's own tables. Returns whether it launched; the norms stand
-        unless that refresh rebuilds.
-
-        On one CUDA device they run on a side stream, after everything launched before on the
-        current one, so that the statistics passes (``sample_stats_``, which write other tables)
-        can run beside them; whatever reads them joins first (``_join``: the current stream waits
-        for the side one)."""
+        unless that refresh rebuilds."""
         if self._key is None or not self._devices:
             return False
-        side = self._side_stream()
-        if side is None:
-            self.update_norms_()
-            return True
-        current = torch.cuda.current_stream(side.device)
-        side.wait_stream(current)
-        with torch.cuda.stream(side):
-            self.update_norms_()
-        self._joining = (current, side)
+        self.update_norms_()
         return True
-
-    def _side_stream(self):
-        """The side stream of ``norms_ahead_``, on a plan of one CUDA device (None elsewhere)."""
-        if len(self._devices) != 1 or self._devices[0].device.type != "cuda":
-            return None
-        device = self._devices[0].device
-        if self._side is None or self._side.device != device:
-            self._side = torch.cuda.Stream(device)
-        return self._side
-
-    def _join(self) -> None:
-        """Make the stream ``norms_ahead_`` was called on wait for the norms it launched on the side
-        stream (nothing if none are pending): before anything reads them, or frees what they read."""
-        if self._joining is not None:
-            current, side = self._joining
-            self._joining = None
-            current.wait_stream(side)
 
     def _weights_signature(self, merge_precision, momentum, residuals) -> tuple:
         """What the statistics passes depend on besides the factors: precision, momentum, and the
@@ -289,7 +254,6 @@ class UnloadPlan:
         return _pointers(self._factor_slots), list(map(operator.getitem, *self._scalings))
 
     def _build(self, merge_precision: str, momentum: float, residuals: dict | None) -> None:
-        self._join()  # the norms launched ahead read the old tables: what follows waits for them
         self._keys = None  # the seed tables of _seed_keys, made for the groups built here
         self._stats_for = None
         self._graphs.clear()  # captured with the old tables (waits for the graphs launched)
@@ -349,11 +313,7 @@ class UnloadPlan:
             per_device.setdefault(key[0], []).append((key, members))
         out = []
         for device, groups in per_device.items():
-            # two tables, so that the norms (stats) and the statistics passes (sums) write apart, and
-            # can run at the same time (norms_ahead_)
-            tables = torch.zeros(2, sum(len(members) for _, members in groups), 3, dtype=torch.float32,
-                                 device=device)
-            stats, sums = tables[0], tables[1]
+            stats = torch.zeros(sum(len(members) for _, members in groups), 3, dtype=torch.float32, device=device)
             updates, start = [], 0
             # the norms' (factors, alphas, rows) per factor dtype and rank padded to the Gram blocks' 16:
             # one launch pair each (a few large ranks do not pad every layer's Gram matrices)
@@ -374,7 +334,7 @@ class UnloadPlan:
                     ptrs=torch.tensor(rows, dtype=torch.int64, device=device),
                     alphas=torch.tensor([momentum * layer.scaling for layer, _, _, _ in members],
                                         dtype=torch.float32, device=device),
-                    stats=sums[start:start + len(members)]))
+                    stats=stats[start:start + len(members)]))
                 start += len(members)
             norms = [kernels.norm_table(*tables) for tables in by_dtype.values()]
             fills = _fill_groups(device, groups)
@@ -385,8 +345,7 @@ class UnloadPlan:
                                                        if layer.name in filled for t in layer.b_tensors()])
             gate = torch.ones(1, dtype=torch.uint8, device=device)
             result = torch.zeros(4, dtype=torch.float64, device=device)
-            out.append(_DeviceWork(device, tables, stats, sums, updates, fills, norms, keys, zero_fills, b_rest, gate,
-                                   result))
+            out.append(_DeviceWork(device, stats, updates, fills, norms, keys, zero_fills, b_rest, gate, result))
         return out
 
     # --- what an unload runs ------------------------------------------------------------------------
@@ -407,7 +366,6 @@ class UnloadPlan:
         """
         if not norms_current:
             self.update_norms_()
-        self._join()
         checks: dict[torch.device, list] = {}  # device -> [(norms, their layers' names)]
         for work in self._devices:
             names = [name for g in work.updates for name in g.names]  # the stats table's row order
@@ -430,12 +388,12 @@ class UnloadPlan:
         """Every fused layer's stats row set to [exact update norm², 0, 0] (``kernels.update_norms_``
         per device, factor dtype and padded rank: a zeroed buffer and two launches each; ``launch``
         its benchmark options): what ``nonfinite`` reads and ``update_fused_(norms=False)`` then
-        builds on. Statistics launched before are not used (``sample_stats_`` after it)."""
+        builds on. The zeros restart the sums of the statistics passes (``sample_stats_``)."""
         if not self._devices:
             return
         from plora import kernels
 
-        self._stats_for = None  # they belong to the factors as they were at the last check
+        self._stats_for = None
 
         def launch_all():
             for work in self._devices:
@@ -449,12 +407,12 @@ class UnloadPlan:
 
     def sample_stats_(self, seed: int, unload_index: int, sample_rows: int, **launch) -> None:
         """Launch the statistics passes of the grouped updates to come (``update_fused_`` with the same
-        arguments): on about ``sample_rows`` rows per layer, from W as it is, [landed·d, d·d] summed
-        into the sums table, zeroed first (with ``sample_rows`` 0, or a layer of few rows, the
-        update pass sums them over every row itself, and the zeroing is all there is here). They
-        read W, the residuals and the factors and write only the sums: ``check_`` launches them
-        once the weights are checked, before the factors are, so that the GPU runs them (beside
-        the norms) while the host checks the rest."""
+        arguments): on about ``sample_rows`` rows per layer, from W as it is, adding [landed·d, d·d]
+        to the stats rows that ``update_norms_`` has just reset (with ``sample_rows`` 0, or a layer
+        of few rows, the update pass sums them over every row itself, and there is nothing to launch
+        here). They read W, the residuals and the factors and write only the stats table: ``check_``
+        launches them once the weights are checked, before the factors are, so that the GPU runs
+        them while the host checks the rest."""
         if not self._devices:
             return
         from plora import kernels
@@ -465,7 +423,6 @@ class UnloadPlan:
             for work, (work_tables, _) in zip(self._devices, seed_tables):
                 tables = iter(work_tables)  # one per stochastic group, in group order
                 with _on(work.device):
-                    work.sums.zero_()  # (the update passes add to them too where there is no pass here)
                     for g in work.updates:
                         keys = next(tables) if g.mode == "stochastic" else None
                         kernels.grouped_update_(g.ptrs, g.alphas, keys, g.stats, g.shape, g.strides,
@@ -501,7 +458,6 @@ class UnloadPlan:
         if self._stats_for != (seed, unload_index, sample_rows) or launch:
             self.sample_stats_(seed, unload_index, sample_rows, **launch)
         self._stats_for = None  # the update passes add to the same sums
-        self._join()
         seed_tables = self._seed_keys(seed, unload_index)  # before any capture: new values, fixed addresses
 
         def launch_all():
@@ -515,7 +471,7 @@ class UnloadPlan:
                                                 g.factor_dtype, g.mode, g.has_res, sample_rows=sample_rows,
                                                 gate=work.gate, passes="update", **launch)
                     # the unload's one read: the sums and the gate together (no launch after the graph)
-                    torch.sum(work.tables.view(-1, 3), 0, dtype=torch.float64, out=work.result[:3])
+                    torch.sum(work.stats, 0, dtype=torch.float64, out=work.result[:3])
                     torch.logical_not(work.gate, out=work.result[3:])
                     out.append(work.result)
             return out
@@ -554,7 +510,6 @@ class UnloadPlan:
         A is drawn from ``reinit_seed(seed + 1, layer, unload_index)``: by the kaiming kernel on the
         fused path, by a generator seeded with it elsewhere.
         """
-        self._join()  # the fills read the gate the norms set
         if any(work.fills for work in self._devices):
             from plora import kernels
 
@@ -578,7 +533,6 @@ class UnloadPlan:
 
     def scale_b_(self, factor: float) -> None:
         """Multiply every adapter's output by ``factor`` (B and lora_bias), A untouched."""
-        self._join()  # B is what the norms launched ahead read
         for device, groups in self._b_all.items():
             # CUDA's foreach kernels apply a Python number in fp32, as mul_ does; the CPU fallback
             # would round it to bf16/fp16 first, where a 0-dim fp64 tensor gives mul_'s bits
