@@ -531,6 +531,14 @@ def test_pipelined_update_refuses_what_it_cannot_do_on_cuda():
         grouped_update_(*args, has_stats=False, pipelined=True, tile=(32, 128, 4))
 
 
+def test_grouped_update_names_a_bad_passes_value():
+    from plora.kernels import grouped_update_
+
+    with pytest.raises(ValueError, match="passes must be 'both', 'stats' or 'update', got 'statistics'"):
+        grouped_update_(None, None, None, None, (1, 1, 1), (1, 1, 1, 1), torch.float32, "direct", False,
+                        passes="statistics")
+
+
 # --- without a GPU: triton's interpreter, in a subprocess -----------------------------------
 
 

@@ -203,6 +203,32 @@ def check_plan_follows_new_storage(device):
     assert not torch.equal(layer.weight, before)  # the live one took the update
 
 
+def check_replaced_factor_is_held_until_the_next_unload(device):
+    """A factor given new storage between unloads: the plan holds the old storage (its norms are
+    launched ahead of the refresh, on the factors it was built from) only until the next unload,
+    which merges the new factor's update and lets the old storage go (no memory beyond LoRA's)."""
+    model = stack_peft(device)
+    plan = UnloadPlan(adapted_layers(model))
+    for index in range(2):  # built, then kept (its norms launched ahead from now on)
+        randomise_adapters_(model, seed=index)
+        plora.unload_(model, 1.0, plan=plan, unload_index=index)
+    randomise_adapters_(model, seed=2)
+    layer = adapted_layers(model)[0]
+    B = layer.b_tensors()[0]
+    old = B.data
+    old_storage = old.untyped_storage()._weak_ref()
+    B.data = old.clone() * 2  # new storage, other values
+    old.zero_()  # what the stale storage holds: an update of zero, were it read
+    del old
+    assert not torch.UntypedStorage._expired(old_storage)  # held by the plan
+    W = layer.weight.detach().clone()
+    delta = layer.delta_weight().float()
+    stats = plora.unload_(model, 1.0, plan=plan, unload_index=2)
+    landed = layer.weight.float() - W.float()
+    assert stats.update_norm > 0 and (landed - delta).norm() < 1e-2 * delta.norm()  # the new B's update
+    assert torch.UntypedStorage._expired(old_storage)  # the rebuild let it go
+
+
 def check_nonfinite_layer_is_skipped_on_the_fused_path(device):
     model = stack_peft(device)
     w0 = _weights(model)
@@ -445,6 +471,7 @@ CHECKS = [
     check_fused_reinit,
     check_tied_weights_are_updated_in_turn,
     check_plan_follows_new_storage,
+    check_replaced_factor_is_held_until_the_next_unload,
     check_nonfinite_layer_is_skipped_on_the_fused_path,
     check_nonfinite_is_caught_in_every_adapter_tensor,
     check_nonfinite_on_wide_layers_touches_nothing,
