@@ -257,7 +257,7 @@ class UnloadPlan:
         self._keys = None  # the seed tables of _seed_keys, made for the groups built here
         self._stats_for = None
         self._graphs.clear()  # captured with the old tables (waits for the graphs launched)
-        self._held = []  # (the old tables are gone with the graphs)
+        self._held = []  # (eager launches still reading them precede any reuse of their memory: one stream)
         self.modes: dict[str, int] = {}
         self.torch_work: list[tuple[AdaptedLayer, str, torch.Tensor | None]] = []
         self.bias_layers = [layer for layer in self.layers if layer.lora_bias is not None]
@@ -393,7 +393,7 @@ class UnloadPlan:
             return
         from plora import kernels
 
-        self._stats_for = None
+        self._stats_for = None  # the zeros below reset what statistics launched before had summed
 
         def launch_all():
             for work in self._devices:
