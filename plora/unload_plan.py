@@ -51,6 +51,7 @@ H200) is gone; docs/results/performance.md has the measurements.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import operator
 from dataclasses import dataclass
@@ -145,6 +146,7 @@ class _DeviceWork:
     zero_fills: list[_FillGroup]  # the B factors of the fills' layers (those contiguous and aligned)
     b_rest: list[torch.Tensor]  # the fills' layers' other B tensors (zeroed by a foreach op)
     gate: torch.Tensor  # uint8 (1,): 1 if every update norm of the device is finite (set by update_norms_)
+    tied: bool  # some groups update weights another group updates too: their updates go in turn
     result: torch.Tensor  # fp64 (4,): what update_fused_ returns: the stats table's sums, then 1 if the gate is closed
 
 
@@ -318,6 +320,7 @@ class UnloadPlan:
             # the norms' (factors, alphas, rows) per factor dtype and rank padded to the Gram blocks' 16:
             # one launch pair each (a few large ranks do not pad every layer's Gram matrices)
             by_dtype: dict[tuple, tuple[list, list, list]] = {}
+            tied = any(key[-1] > 0 for key, _ in groups)  # an n-th layer on one weight (n > 0)
             for (_, M, N, K, fdtype, strides, mode, has_res, _), members in groups:
                 norm_factors, norm_alphas, norm_rows = by_dtype.setdefault((fdtype, -(-K // 16)), ([], [], []))
                 for i, (layer, _, L, R) in enumerate(members):
@@ -345,7 +348,8 @@ class UnloadPlan:
                                                        if layer.name in filled for t in layer.b_tensors()])
             gate = torch.ones(1, dtype=torch.uint8, device=device)
             result = torch.zeros(4, dtype=torch.float64, device=device)
-            out.append(_DeviceWork(device, stats, updates, fills, norms, keys, zero_fills, b_rest, gate, result))
+            out.append(_DeviceWork(device, stats, updates, fills, norms, keys, zero_fills, b_rest, gate, tied,
+                                   result))
         return out
 
     # --- what an unload runs ------------------------------------------------------------------------
@@ -423,11 +427,11 @@ class UnloadPlan:
             for work, (work_tables, _) in zip(self._devices, seed_tables):
                 tables = iter(work_tables)  # one per stochastic group, in group order
                 with _on(work.device):
-                    for g in work.updates:
-                        keys = next(tables) if g.mode == "stochastic" else None
-                        kernels.grouped_update_(g.ptrs, g.alphas, keys, g.stats, g.shape, g.strides,
-                                                g.factor_dtype, g.mode, g.has_res, sample_rows=sample_rows,
-                                                gate=work.gate, passes="stats", **launch)
+                    # each pass writes its own rows of the stats table: independent
+                    _branches([functools.partial(
+                        kernels.grouped_update_, g.ptrs, g.alphas, next(tables) if g.mode == "stochastic" else None,
+                        g.stats, g.shape, g.strides, g.factor_dtype, g.mode, g.has_res, sample_rows=sample_rows,
+                        gate=work.gate, passes="stats", **launch) for g in work.updates], work.device)
 
         self._launches(("stats", sample_rows), launch_all, launch)
         self._stats_for = (seed, unload_index, sample_rows)
@@ -465,11 +469,12 @@ class UnloadPlan:
             for work, (work_tables, _) in zip(self._devices, seed_tables):
                 tables = iter(work_tables)  # one per stochastic group, in group order
                 with _on(work.device):
-                    for g in work.updates:
-                        keys = next(tables) if g.mode == "stochastic" else None
-                        kernels.grouped_update_(g.ptrs, g.alphas, keys, g.stats, g.shape, g.strides,
-                                                g.factor_dtype, g.mode, g.has_res, sample_rows=sample_rows,
-                                                gate=work.gate, passes="update", **launch)
+                    updates = [functools.partial(
+                        kernels.grouped_update_, g.ptrs, g.alphas, next(tables) if g.mode == "stochastic" else None,
+                        g.stats, g.shape, g.strides, g.factor_dtype, g.mode, g.has_res, sample_rows=sample_rows,
+                        gate=work.gate, passes="update", **launch) for g in work.updates]
+                    # groups update other weights (other rows of the stats table) unless tied
+                    _branches(updates, work.device, parallel=not work.tied)
                     # the unload's one read: the sums and the gate together (no launch after the graph)
                     torch.sum(work.stats, 0, dtype=torch.float64, out=work.result[:3])
                     torch.logical_not(work.gate, out=work.result[3:])
@@ -511,17 +516,17 @@ class UnloadPlan:
         fused path, by a generator seeded with it elsewhere.
         """
         if any(work.fills for work in self._devices):
-            from plora import kernels
+            from plora.kernels import kaiming_fill_
 
             seed_tables = self._seed_keys(seed, unload_index)  # before any capture, as in update_fused_
 
             def launch_all():
                 for work, (_, fill_tables) in zip(self._devices, seed_tables):
-                    with _on(work.device):
-                        for fill, keys in zip(work.fills, fill_tables):
-                            kernels.kaiming_fill_(fill.ptrs, keys, fill.numel, fill.bound, fill.dtype, gate=work.gate)
-                        for fill in work.zero_fills:
-                            kernels.kaiming_fill_(fill.ptrs, None, fill.numel, 0.0, fill.dtype, gate=work.gate)
+                    with _on(work.device):  # every fill writes tensors of its own
+                        _branches([functools.partial(kaiming_fill_, fill.ptrs, keys, fill.numel, fill.bound, fill.dtype,
+                                                     gate=work.gate) for fill, keys in zip(work.fills, fill_tables)]
+                                  + [functools.partial(kaiming_fill_, fill.ptrs, None, fill.numel, 0.0, fill.dtype,
+                                                       gate=work.gate) for fill in work.zero_fills], work.device)
                 for device, groups in self._b_rest.items():
                     with _on(device):
                         for tensors, _ in groups:
@@ -553,6 +558,28 @@ def _pointers(slots: tuple[list, list]) -> list[int]:
     """The data pointers of ``dicts[i][keys[i]]``, in one pass of C-level maps (the refresh reads a few
     hundred at every unload, in front of its updates)."""
     return list(map(_DATA_PTR, map(operator.getitem, *slots)))
+
+
+def _branches(launches: list, device: torch.device, parallel: bool = True) -> None:
+    """Call ``launches`` (functions that launch GPU work, each independent of the others) in order;
+    while a CUDA graph is being captured, each on a stream of its own, forked from the capturing
+    stream and joined back into it, so that the graph holds them as parallel branches. Its replays
+    then run them side by side (one launch's last programs beside the next one's first, instead of
+    a tail where SMs idle) at no host cost: streams are switched only while capturing."""
+    if not parallel or len(launches) < 2 or device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
+        for launch in launches:
+            launch()
+        return
+    main = torch.cuda.current_stream()
+    side = [torch.cuda.Stream(main.device) for _ in launches[1:]]
+    for stream in side:
+        stream.wait_stream(main)
+    launches[0]()
+    for stream, launch in zip(side, launches[1:]):
+        with torch.cuda.stream(stream):
+            launch()
+    for stream in side:
+        main.wait_stream(stream)
 
 
 def _on(device: torch.device):
