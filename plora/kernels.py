@@ -440,6 +440,15 @@ def _block_sizes(n_cols: int) -> tuple[int, int]:
     return 32, block_n
 
 
+def stats_step(n_rows: int, n_cols: int, sample_rows: int, block_m: int | None = None) -> int:
+    """Row tiles from one statistics tile to the next when ``grouped_update_`` samples about
+    ``sample_rows`` of a weight's ``n_rows`` rows (0 = all; ``block_m``: its tile rows, the default
+    tiling's unless given). 1 means every tile: the update pass then sums the statistics itself,
+    with no statistics pass of its own."""
+    block_m = block_m or _block_sizes(n_cols)[0]
+    return max(1, _cdiv(n_rows, block_m) // _cdiv(sample_rows, block_m)) if sample_rows > 0 else 1
+
+
 def fused_update_(
     W2d: torch.Tensor,
     L: torch.Tensor,
@@ -574,7 +583,7 @@ def grouped_update_(
     if tile is not None:
         block_m, block_n, num_warps = tile
     tiles_m, tiles_n = _cdiv(M, block_m), _cdiv(N, block_n)
-    step = max(1, tiles_m // _cdiv(sample_rows, block_m)) if sample_rows > 0 else 1
+    step = stats_step(M, N, sample_rows, block_m)
     args = (ptrs, alphas, keys if keys is not None else ptrs, stats, G, M, N, K, N, *factor_strides)
     options = dict(MODE=_MODE_ID[mode], HAS_RES=has_res, FACTOR_DTYPE=_TL_DTYPE[factor_dtype],
                    BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=16 if K <= 16 else 32, num_warps=num_warps,

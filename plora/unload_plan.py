@@ -421,6 +421,10 @@ class UnloadPlan:
             return
         from plora import kernels
 
+        self._stats_for = (seed, unload_index, sample_rows)
+        if not launch and all(kernels.stats_step(*g.shape[:2], sample_rows) == 1
+                              for work in self._devices for g in work.updates):
+            return  # no group has a pass of its own (small layers): nothing to launch, no empty graph
         seed_tables = self._seed_keys(seed, unload_index)  # before any capture: new values, fixed addresses
 
         def launch_all():
@@ -434,7 +438,6 @@ class UnloadPlan:
                         gate=work.gate, passes="stats", **launch) for g in work.updates], work.device)
 
         self._launches(("stats", sample_rows), launch_all, launch)
-        self._stats_for = (seed, unload_index, sample_rows)
 
     def update_fused_(self, seed: int, unload_index: int, sample_rows: int = 0, *, norms: bool = True,
                       **launch) -> list[torch.Tensor]:

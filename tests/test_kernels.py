@@ -531,6 +531,16 @@ def test_pipelined_update_refuses_what_it_cannot_do_on_cuda():
         grouped_update_(*args, has_stats=False, pipelined=True, tile=(32, 128, 4))
 
 
+def test_stats_step_says_when_there_is_a_statistics_pass():
+    from plora.kernels import stats_step
+
+    assert stats_step(48, 48, 64) == 1  # 64 sampled rows of 48: every row, summed in the update pass
+    assert stats_step(48, 48, 16) == 2  # two row tiles of 32, one sampled
+    assert stats_step(2048, 2048, 64) == 32
+    assert stats_step(2048, 2048, 0) == 1  # 0: every row
+    assert stats_step(48, 48, 16, block_m=16) == 3  # the benchmark's tilings
+
+
 def test_grouped_update_names_a_bad_passes_value():
     from plora.kernels import grouped_update_
 

@@ -340,7 +340,8 @@ def check_cached_plan_gives_the_throwaway_plans_result(device):
     # (unload index, momentum, a factor given new storage first)
     steps = [(0, 1.0, False), (1, 1.0, False), (3, 1.0, False), (4, 0.5, False), (5, 0.5, False),
              (6, 0.5, True), (8, 1.0, False), (9, 1.0, False)]
-    for precision in ("auto", "stochastic"):
+    # 64 rows sampled of layers of 32-48 rows: statistics in the update pass; 16 rows: passes of their own
+    for precision, sample_rows in (("auto", 64), ("stochastic", 64), ("stochastic", 16)):
         results, norms = [], []
         for cached in (True, False):
             model = toy_peft(torch.bfloat16).to(device)
@@ -358,8 +359,11 @@ def check_cached_plan_gives_the_throwaway_plans_result(device):
                     B = next(layer for layer in adapted_layers(model) if layer.kind == "linear").b_tensors()[0]
                     B.data = B.data.clone() * 3  # new storage, other values: what a load may do
                 stats = plora.unload_(model, momentum, unload_index=index, residuals=residuals, plan=plan,
-                                      merge_precision=precision, seed=7 if i < 3 else 8)
+                                      merge_precision=precision, seed=7 if i < 3 else 8,
+                                      landed_sample_rows=sample_rows)
                 got.append((stats.update_norm, stats.landed_share))
+                if cached and plan._devices:  # every fused layer's sampled d·d was summed, by a pass or the update
+                    assert (plan._devices[0].stats[:, 2] > 0).all(), (precision, sample_rows, i)
             results.append([t.clone() for t in model.state_dict().values()] + list(residuals.values()))
             norms.append(got)
             if cached:  # rebuilt at a new momentum or storage only; the norms launched ahead of the
