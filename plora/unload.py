@@ -201,11 +201,11 @@ def unload_(
     args = dict(adapter_name=adapter_name, merge_precision=merge_precision, seed=seed, unload_index=unload_index,
                 on_nonfinite=on_nonfinite, residuals=residuals, landed_sample_rows=landed_sample_rows,
                 layers=layers, plan=plan)
-    stats, sums, used, on_device = _enqueue_unload(model, momentum, **args)
-    norm2, dot, den, opened = _results(sums, used)  # the one sync after the updates
+    stats, sums, on_device = _enqueue_unload(model, momentum, **args)
+    norm2, dot, den, opened = _results(sums)  # the one sync after the updates
     if not opened and on_device:  # an adapter is not finite and nothing was written: find it on the host
-        stats, sums, used, _ = _enqueue_unload(model, momentum, **args, check_on_device=False)
-        norm2, dot, den, opened = _results(sums, used)
+        stats, sums, _ = _enqueue_unload(model, momentum, **args, check_on_device=False)
+        norm2, dot, den, opened = _results(sums)
     if not opened:  # the host check passed, yet a gate closed: the kernels wrote nothing
         raise RuntimeError("plora: the unload's finiteness gate closed after its host check had passed; "
                            "nothing was merged (an update norm at the edge of fp32's range?)")
@@ -215,7 +215,7 @@ def unload_(
     return stats
 
 
-def _results(sums: torch.Tensor | None, plan: UnloadPlan) -> tuple[float, float, float, bool]:
+def _results(sums: torch.Tensor | None) -> tuple[float, float, float, bool]:
     """(norm², landed·expected, expected², every gate open) from the device, in one read: ``sums``
     adds up the parts of every path, whose last element counts the closed gates (``update_fused_``)."""
     if sums is None:
@@ -226,15 +226,15 @@ def _results(sums: torch.Tensor | None, plan: UnloadPlan) -> tuple[float, float,
 
 def _enqueue_unload(model, momentum, *, adapter_name, merge_precision, seed, unload_index, on_nonfinite, residuals,
                     landed_sample_rows, layers, plan, check_on_device=True
-                    ) -> tuple[UnloadStats, torch.Tensor | None, UnloadPlan, bool]:
+                    ) -> tuple[UnloadStats, torch.Tensor | None, bool]:
     """``unload_`` up to its last host sync: every update enqueued, the statistics still on the device
     (so a benchmark can time the host's share alone).
 
     Returns the stats without the measured numbers, the device tensor (norm², landed·expected,
-    expected²) they come from (None when no layer was merged), the plan that ran (its gates say
-    whether its kernels wrote: ``UnloadPlan.gates``), and whether the finiteness check was left to
-    the device (``UnloadPlan.check_(on_device=True)``): then a closed gate means an adapter is not
-    finite, nothing was written, and the unload must run again with ``check_on_device=False``.
+    expected², closed gates) they come from (None when no layer was merged; a gate closed: its
+    device's kernels wrote nothing), and whether the finiteness check was left to the device
+    (``UnloadPlan.check_(on_device=True)``): then a closed gate means an adapter is not finite,
+    nothing was written, and the unload must run again with ``check_on_device=False``.
     """
     if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 < momentum <= 1.0:
         raise ValueError(f"momentum must be in (0, 1], got {momentum!r}")
@@ -278,7 +278,7 @@ def _enqueue_unload(model, momentum, *, adapter_name, merge_precision, seed, unl
         plan.prepare_keys(seed, unload_index + 1)
     stats = UnloadStats(unload_index=unload_index, layers=len(plan.layers), update_norm=0.0, landed_share=1.0,
                         precision=dict(plan.modes), skipped=bad or [])
-    return stats, sums, plan, bad is None
+    return stats, sums, bad is None
 
 
 def _merge_bias(layer: AdaptedLayer, momentum: float) -> None:

@@ -214,7 +214,7 @@ class UnloadPlan:
 
         ``on_device=True`` on a ``device_checked`` plan returns None instead, without a host sync:
         the norms have set the device's gate, and every kernel of the unload that writes reads it,
-        so a non-finite adapter makes the whole unload write nothing (``gates()`` tell afterwards).
+        so a non-finite adapter makes the whole unload write nothing (``update_fused_``'s sums tell).
         After a check that found a non-finite adapter, the next one runs on the host (an adapter
         left non-finite under ``on_nonfinite='skip'`` would otherwise cost two passes each time)."""
         ahead = self.norms_ahead_()
@@ -228,12 +228,6 @@ class UnloadPlan:
         bad = self.nonfinite(norms_current=True)
         self.host_check_next = bool(bad)
         return bad
-
-    def gates(self) -> list[torch.Tensor]:
-        """Per device, its gate: uint8 (1,), 1 if the norms last computed were all finite (then the
-        writing kernels launched since wrote), 0 if not (then they wrote nothing). The kernels obey
-        it on every path; ``update_fused_`` returns it with the statistics, which ``unload_`` reads."""
-        return [work.gate for work in self._devices]
 
     def norms_ahead_(self) -> bool:
         """Launch ``update_norms_`` before the ``refresh`` that must follow, if the plan is built
@@ -432,13 +426,8 @@ class UnloadPlan:
 
         def launch_all():
             for work, (work_tables, _) in zip(self._devices, seed_tables):
-                tables = iter(work_tables)  # one per stochastic group, in group order
-                with _on(work.device):
-                    # each pass writes its own rows of the stats table: independent
-                    _branches([functools.partial(
-                        kernels.grouped_update_, g.ptrs, g.alphas, next(tables) if g.mode == "stochastic" else None,
-                        g.stats, g.shape, g.strides, g.factor_dtype, g.mode, g.has_res, sample_rows=sample_rows,
-                        gate=work.gate, passes="stats", **launch) for g in work.updates], work.device)
+                with _on(work.device):  # each pass writes its own rows of the stats table: independent
+                    _branches(_group_launches(work, work_tables, sample_rows, "stats", launch), work.device)
 
         self._launches(("stats", sample_rows), launch_all, launch)
 
@@ -461,8 +450,6 @@ class UnloadPlan:
         """
         if not self._devices:
             return []
-        from plora import kernels
-
         if norms and launch.get("has_stats", True):
             self.update_norms_()
         if self._stats_for != (seed, unload_index, sample_rows) or launch:
@@ -473,14 +460,10 @@ class UnloadPlan:
         def launch_all():
             out = []
             for work, (work_tables, _) in zip(self._devices, seed_tables):
-                tables = iter(work_tables)  # one per stochastic group, in group order
                 with _on(work.device):
-                    updates = [functools.partial(
-                        kernels.grouped_update_, g.ptrs, g.alphas, next(tables) if g.mode == "stochastic" else None,
-                        g.stats, g.shape, g.strides, g.factor_dtype, g.mode, g.has_res, sample_rows=sample_rows,
-                        gate=work.gate, passes="update", **launch) for g in work.updates]
                     # groups update other weights (other rows of the stats table) unless tied
-                    _branches(updates, work.device, parallel=not work.tied)
+                    _branches(_group_launches(work, work_tables, sample_rows, "update", launch), work.device,
+                              parallel=not work.tied)
                     # the unload's one read: the sums and the gate together (no launch after the graph)
                     torch.sum(work.stats, 0, dtype=torch.float64, out=work.result[:3])
                     torch.logical_not(work.gate, out=work.result[3:])
@@ -564,6 +547,20 @@ def _pointers(slots: tuple[list, list]) -> list[int]:
     """The data pointers of ``dicts[i][keys[i]]``, in one pass of C-level maps (the refresh reads a few
     hundred at every unload, in front of its updates)."""
     return list(map(_DATA_PTR, map(operator.getitem, *slots)))
+
+
+def _group_launches(work: _DeviceWork, seed_tables: list[torch.Tensor], sample_rows: int, passes: str,
+                    launch: dict) -> list:
+    """One device's ``kernels.grouped_update_`` launch per group, as functions (``passes`` and
+    ``launch`` as it takes them); ``seed_tables``: one per stochastic group, in group order."""
+    from plora import kernels
+
+    tables = iter(seed_tables)
+    return [functools.partial(kernels.grouped_update_, g.ptrs, g.alphas,
+                              next(tables) if g.mode == "stochastic" else None, g.stats, g.shape, g.strides,
+                              g.factor_dtype, g.mode, g.has_res, sample_rows=sample_rows, gate=work.gate,
+                              passes=passes, **launch)
+            for g in work.updates]
 
 
 def _branches(launches: list, device: torch.device, parallel: bool = True) -> None:
