@@ -242,8 +242,9 @@ def launched_one_by_one(fn):
 
 
 def gpu_work_only(plan, sample_rows=64):
-    """The unload's GPU work with none of its host work: a kept plan's four launch sequences (the
-    norms that set the gate, the sampled statistics, the grouped updates, the re-init),
+    """The unload's GPU work with none of its host work: a kept plan's launch sequences (the norms
+    that set the gate, the sampled statistics where a group has a pass of its own, the grouped
+    updates, the re-init),
     replayed back to back as ``unload_`` launches them once the plan is checked, without the
     pointer checks, the seed hashing and the statistics read. What the unload would take if its
     host cost nothing: the floor its bandwidth share can reach (GPU only; the plan must have run

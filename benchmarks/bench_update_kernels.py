@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_unload import (  # noqa: E402
     BYTES_PER_ELEMENT, MODES, RANK, SHAPES, Block, Clock, _triton_version, copy_bandwidth)
-from kernel_resources import MODES as MODE_ID  # noqa: E402  (the kernels' MODE constant per mode)
+from plora.kernels import _MODE_ID as MODE_ID  # noqa: E402  (the kernels' MODE constant per mode)
 
 
 def int_list(text: str) -> list[int]:

@@ -24,7 +24,7 @@ import bench_unload  # noqa: E402
 
 from plora.layers import adapted_layers  # noqa: E402
 from plora.unload import unload_  # noqa: E402
-from plora.unload_plan import UnloadPlan  # noqa: E402
+from plora.unload_plan import UnloadPlan, _pointers  # noqa: E402
 
 
 def per_call(f, n: int = 200) -> float:
@@ -55,11 +55,11 @@ def single_launches() -> None:
     fp32 = kernels._TL_DTYPE[torch.float32]
     args = (ptrs, keys, A[0].numel(), 0.01)
     print("triton kaiming_fill_ JIT", per_call(lambda: kernels.kaiming_fill_(*args, torch.float32)))
-    # the compiled kernel takes every parameter positionally, constexprs included: as kaiming_fill_
-    # launches it ungated, the gate's slot holds a placeholder pointer
-    params = (*args, fp32, 1024, ptrs, False, False)  # ..., DTYPE, BLOCK, GATE, GATED, ZERO
-    compiled = kernels.kaiming_fill[(64, 4)](*args, DTYPE=fp32, BLOCK=1024, num_warps=4, GATE=ptrs, GATED=False,
-                                             ZERO=False)
+    # the compiled kernel takes every parameter positionally, constexprs included (in the signature's
+    # order): as kaiming_fill_ launches it ungated, the gate's slot holds a placeholder pointer
+    const = dict(DTYPE=fp32, BLOCK=1024, GATE=ptrs, GATED=False, ZERO=False)
+    params = (*args, *const.values())
+    compiled = kernels.kaiming_fill[(64, 4)](*args, num_warps=4, **const)
     runner = compiled[(64, 4, 1)]
     print("triton kaiming_fill compiled[grid]", per_call(lambda: runner(*params)))
     device = driver.active.get_current_device()
@@ -80,7 +80,7 @@ def plan_launches(shape: str) -> None:
     for i in range(2):
         unload_(model, merge_precision="direct", layers=layers, plan=plan, unload_index=i)
     print(shape, "plan.update_norms_ (gate fill, zeros + 2 launches)", per_call(plan.update_norms_, 50))
-    print(shape, "plan._factor_pointers", per_call(plan._factor_pointers, 50))
+    print(shape, "plan._factor_pointers", per_call(lambda: _pointers(plan._factor_slots), 50))  # the factors' pointers
     print(shape, "plan.refresh", per_call(lambda: plan.refresh("direct", 1.0, None), 50))
     print(shape, "plan.nonfinite (sync)", per_call(plan.nonfinite, 50))
     g = plan._devices[0].updates[0]

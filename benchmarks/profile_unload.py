@@ -10,7 +10,8 @@ device-checked plan leaves it to the kernels' gate), the grouped updates, the re
 unload's seeds; the rest is the torch-path layers and the final statistics sync),
 and prints per phase its host time, then for the whole unload its wall time, the time the GPU was
 busy (the union of its kernels and copies) and how long the GPU waited before the first update
-kernel (``update_pipelined``; ``unload_tile*`` where the triton kernel updates).
+kernel (``update_pipelined``; where the triton kernel updates, the first ``unload_tile*`` kernel,
+which is the statistics pass when the statistics are sampled).
 ``--host-only`` times the same phases by ``time.perf_counter`` without the profiler, whose own
 overhead inflates host times::
 
