@@ -204,18 +204,21 @@ def _group_tables(layers, residuals, device):
     return torch.tensor(rows, dtype=torch.int64, device=device)
 
 
-def _run_grouped(layers, res0, alphas, seeds, fdtype, mode, device, **options):
-    """One ``grouped_update_`` launch on fresh copies of the layers: (weights, residuals, stats)."""
+def _run_grouped(layers, res0, alphas, seeds, fdtype, mode, device, split=False, **options):
+    """One ``grouped_update_`` call on fresh copies of the layers (``split``: its statistics pass and
+    its update pass as two calls, ``passes="stats"`` then ``"update"``): (weights, residuals, stats)."""
     from plora.kernels import grouped_update_
 
     got_w = [W.clone() for W, _, _ in layers]
     got_r = [None if res is None else res.clone() for res in res0]
     stats = torch.zeros(len(layers), 3, dtype=torch.float32, device=device)
     (m, n), (L, R) = got_w[0].shape, layers[0][1:]
-    grouped_update_(_group_tables([(W, L_, R_) for W, (_, L_, R_) in zip(got_w, layers)], got_r, device),
-                    torch.tensor(alphas, dtype=torch.float32, device=device),
-                    torch.tensor(seeds, dtype=torch.int64, device=device), stats,
-                    (m, n, L.shape[1]), L.stride() + R.stride(), fdtype, mode, mode == "compensated", **options)
+    tables = (_group_tables([(W, L_, R_) for W, (_, L_, R_) in zip(got_w, layers)], got_r, device),
+              torch.tensor(alphas, dtype=torch.float32, device=device),
+              torch.tensor(seeds, dtype=torch.int64, device=device), stats,
+              (m, n, L.shape[1]), L.stride() + R.stride(), fdtype, mode, mode == "compensated")
+    for passes in ("stats", "update") if split else ("both",):
+        grouped_update_(*tables, passes=passes, **options)
     return got_w, got_r, stats
 
 
@@ -258,6 +261,11 @@ def check_grouped_update(device):
                 want_s = torch.stack([(landed * d)[sampled].sum(), (d * d)[sampled].sum()])
                 assert torch.allclose(stats[i, 1:].cpu(), want_s, rtol=2e-3, atol=1e-7), (mode, m, n, i, stats[i])
                 assert stats[i, 2].item() < 0.9 * (d * d).sum().item()  # a sample, not every row
+            # the same as the statistics pass and the update pass called apart (UnloadPlan.sample_stats_)
+            split_w, split_r, split_stats = _run_grouped(*case, sample_rows=1, tile=(16, 32, 2), split=True)
+            assert all(torch.equal(a, b) for a, b in zip(split_w, got_w)), (mode, m, n)
+            assert all(a is None or torch.equal(a, b) for a, b in zip(split_r, got_r)), (mode, m, n)
+            assert torch.allclose(split_stats, stats, rtol=1e-5, atol=1e-7) and split_stats[:, 2].gt(0).all()
             # the benchmark's knobs: another tiling, no statistics, a register cap; the same bits, stats untouched;
             # and the update pass's layout options, also with the statistics summed in that pass
             knobs = [dict(has_stats=False, tile=(16, 32, 2), max_registers=128),
@@ -428,9 +436,9 @@ def test_unload_dispatches_to_kernel_on_cuda(mode, monkeypatch):
     layers_updated = []
     real = kernels.grouped_update_
 
-    def counted(ptrs, *a, **k):  # the update passes (the statistics passes run on their own since af32808)
-        if k.get("passes") != "stats":
-            layers_updated.append(ptrs.shape[1])
+    def counted(ptrs, *a, **k):  # every row sampled: no statistics pass of its own, only update passes
+        assert k.get("passes") == "update"
+        layers_updated.append(ptrs.shape[1])
         return real(ptrs, *a, **k)
 
     monkeypatch.setattr(kernels, "grouped_update_", counted)

@@ -172,20 +172,25 @@ def check_fused_reinit(device):
 
 
 def check_tied_weights_are_updated_in_turn(device):
-    """Two layers on one weight go into separate launches: both updates land, as one after the other."""
+    """Two layers on one weight go into separate launches: both updates land, as one after the other,
+    at every unload of a kept plan (on a GPU the third replays its graph, whose update launches are
+    not parallel branches when weights are tied)."""
+    from plora.kernels import fused_update_
+
     model = stack_peft(device, tied=True)
     layers = adapted_layers(model)
     assert layers[0].weight is layers[1].weight
-    want, _ = _per_layer_reference(model, 1.0, "direct", 0, 0)
-    from plora.kernels import fused_update_
-
-    W = want[layers[0].name]  # layer 0's update, then layer 1's on top
-    L, R = layers[1].factors()
-    fused_update_(W, L.detach(), R.detach(), layers[1].scaling, "direct")
     plan = UnloadPlan(layers)
-    plora.unload_(model, 1.0, merge_precision="direct", plan=plan)
-    assert torch.equal(layers[0].weight, W)
+    for index in range(3):
+        randomise_adapters_(model, seed=index, scale=0.1)
+        want, _ = _per_layer_reference(model, 1.0, "direct", 0, index)
+        W = want[layers[0].name]  # layer 0's update, then layer 1's on top
+        L, R = layers[1].factors()
+        fused_update_(W, L.detach(), R.detach(), layers[1].scaling, "direct")
+        plora.unload_(model, 1.0, merge_precision="direct", plan=plan, unload_index=index)
+        assert torch.equal(layers[0].weight, W), index
     assert len(plan._devices[0].updates) == 4  # the second layer on the weight has a launch of its own
+    assert plan._devices[0].tied
 
 
 def check_plan_follows_new_storage(device):
@@ -223,10 +228,44 @@ def check_replaced_factor_is_held_until_the_next_unload(device):
     assert not torch.UntypedStorage._expired(old_storage)  # held by the plan
     W = layer.weight.detach().clone()
     delta = layer.delta_weight().float()
+    want_norm = math.sqrt(sum(((lay.scaling * L.double() @ R.double()) ** 2).sum().item()
+                              for lay in adapted_layers(model) for L, R in [lay.factors()]))
     stats = plora.unload_(model, 1.0, plan=plan, unload_index=2)
     landed = layer.weight.float() - W.float()
-    assert stats.update_norm > 0 and (landed - delta).norm() < 1e-2 * delta.norm()  # the new B's update
+    assert (landed - delta).norm() < 1e-2 * delta.norm()  # the new B's update
+    assert stats.update_norm == pytest.approx(want_norm, rel=1e-4)  # the norm of the new factors, not the old
     assert torch.UntypedStorage._expired(old_storage)  # the rebuild let it go
+
+
+def check_statistics_passes_draw_the_updates_seeds(device):
+    """Stochastic rounding with sampled statistics: each group's statistics pass, launched before
+    the factors are checked (``check_``) or by ``update_fused_``, rounds with the seeds its update
+    pass then uses, so that the landed share describes the update that happened."""
+    from plora import kernels
+
+    model = stack_peft(device)
+    plan = UnloadPlan(adapted_layers(model))
+    seen = []  # (passes, first W pointer, seeds) per launch, read where no graph is being captured
+    real = kernels.grouped_update_
+
+    def spy(ptrs, alphas, keys, *a, **k):
+        if not (ptrs.is_cuda and torch.cuda.is_current_stream_capturing()):
+            seen.append((k["passes"], ptrs[0, 0].item(), keys.tolist()))
+        return real(ptrs, alphas, keys, *a, **k)
+
+    kernels.grouped_update_ = spy
+    try:
+        for index in range(3):  # built, then kept (the statistics launched from check_)
+            randomise_adapters_(model, seed=index, scale=0.1)
+            plora.unload_(model, 1.0, plan=plan, unload_index=index, merge_precision="stochastic",
+                          landed_sample_rows=16, seed=5)
+    finally:
+        kernels.grouped_update_ = real
+    stats = [(w, keys) for passes, w, keys in seen if passes == "stats"]
+    updates = [(w, keys) for passes, w, keys in seen if passes == "update"]
+    assert stats and len(stats) == len(updates), seen
+    assert sorted(stats) == sorted(updates)  # every group: the same seeds in both passes
+    assert len({tuple(keys) for _, keys in updates}) == len(updates)  # new seeds at every unload
 
 
 def check_nonfinite_layer_is_skipped_on_the_fused_path(device):
@@ -340,7 +379,8 @@ def check_cached_plan_gives_the_throwaway_plans_result(device):
     # (unload index, momentum, a factor given new storage first)
     steps = [(0, 1.0, False), (1, 1.0, False), (3, 1.0, False), (4, 0.5, False), (5, 0.5, False),
              (6, 0.5, True), (8, 1.0, False), (9, 1.0, False)]
-    # 64 rows sampled of layers of 32-48 rows: statistics in the update pass; 16 rows: passes of their own
+    # 64 rows sampled of the fused layers (12-48 rows): statistics summed in the update pass; 16 rows:
+    # passes of their own for the 40- and 48-row layers (the 12-row one still sums in its update pass)
     for precision, sample_rows in (("auto", 64), ("stochastic", 64), ("stochastic", 16)):
         results, norms = [], []
         for cached in (True, False):
@@ -372,7 +412,7 @@ def check_cached_plan_gives_the_throwaway_plans_result(device):
                 # as after every rebuild: from update_fused_)
                 fused = bool(plan._devices)
                 assert len(builds) == 4 and ahead == [False] + [fused] * 7, ahead
-                # unloads (1-based) that launched them: the first three of the rebuilt ones (1, 4, 7)
+                # unloads (1-based) that called sample_stats_: the first three of the rebuilt ones (1, 4, 7)
                 # only after the rebuild, the fourth (6, new storage) before and after it
                 assert early == ([1, 2, 3, 4, 5, 6, 6, 7, 8] if fused else []), early
         assert len(results[0]) == len(results[1])
@@ -412,9 +452,14 @@ def check_nonfinite_caught_by_a_kept_plan(device):
             assert host_checks == [1], precision
             assert all(_same(before[n], t) for n, t in model.state_dict().items()), precision
             assert all(_same(res_before[n], r) for n, r in residuals.items()), precision
+            updated = []  # the kept plan's update launches: none after a check that found a NaN
+            real_update = plan.update_fused_
+            plan.update_fused_ = lambda *a, **k: updated.append(1) or real_update(*a, **k)
             with pytest.warns(UserWarning, match="skipped 1 layer"):
                 stats = plora.unload_(model, 1.0, plan=plan, unload_index=3, on_nonfinite="skip",
                                       merge_precision=precision, residuals=residuals)
+            # the check after a refusal runs on the host first: one host check, no gated pass before it
+            assert host_checks == [1, 1] and updated == [], (precision, host_checks, updated)
             assert stats.skipped == [bad.name]
             for layer in adapted_layers(model):  # the bad layer as it was; the others merged and re-initialised
                 B = layer.b_tensors()[0]
@@ -476,6 +521,7 @@ CHECKS = [
     check_tied_weights_are_updated_in_turn,
     check_plan_follows_new_storage,
     check_replaced_factor_is_held_until_the_next_unload,
+    check_statistics_passes_draw_the_updates_seeds,
     check_nonfinite_layer_is_skipped_on_the_fused_path,
     check_nonfinite_is_caught_in_every_adapter_tensor,
     check_nonfinite_on_wide_layers_touches_nothing,
@@ -549,7 +595,7 @@ def test_plan_is_rebuilt_only_when_something_changed(monkeypatch):
     u.unload()
     assert len(builds) == 5
     B = layer.b_tensors()[0]
-    B.data = B.data.clone()  # a factor given new storage: the pointers norms_ahead_ reads
+    B.data = B.data.clone()  # a factor given new storage: the pointers the refresh reads after the norms
     u.unload()
     assert len(builds) == 6
     u.unload()

@@ -189,12 +189,19 @@ def test_kept_reset_follows_the_optimizers_state():
 
     def zeroed():
         return all(not torch.any(v) if isinstance(v, torch.Tensor) else v == 0
-                   for p in adapter for v in opt.state[p].values())
+                   for p in adapter for v in opt.state.get(p, {}).values())
 
     for i in range(3):  # trained, reset, trained again: the same tensors, the kept grouping
         train_steps(model, opt, None, 2, seed=i)
         assert not zeroed() and 0 < held() < len(adapter)
         assert reset("reset") == held() and zeroed()
+    # a tensor counter replaced in place by a plain number, the state as long as before: the grouping
+    # follows the tensors themselves, not their count
+    train_steps(model, opt, None, 1, seed=3)
+    step = opt.state[adapter[1]]["step"]
+    opt.state[adapter[1]]["step"] = 3
+    assert reset("reset") == held() and zeroed() and opt.state[adapter[1]]["step"] == 0
+    opt.state[adapter[1]]["step"] = step.zero_()  # AdamW's own tensor counter back, for the steps below
     first = opt.state[adapter[0]]["exp_avg"]
     opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # a resume: every state tensor replaced
     train_steps(model, opt, None, 2, seed=7)
