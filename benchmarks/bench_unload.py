@@ -252,8 +252,7 @@ def gpu_work_only(plan, sample_rows=64):
     made once)."""
 
     def run():
-        plan.update_norms_()
-        plan.sample_stats_(0, 0, sample_rows)
+        plan.launch_ahead_(plan._key[0], (0, 0, sample_rows))
         plan.update_fused_(0, 0, sample_rows, norms=False)
         plan.reinit_(0, 0)
 

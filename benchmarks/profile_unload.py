@@ -41,7 +41,8 @@ from plora.layers import adapted_layers  # noqa: E402
 from plora.unload import unload_  # noqa: E402
 from plora.unload_plan import UnloadPlan  # noqa: E402
 
-PHASES = {"norms_ahead_": "norms launched ahead", "sample_stats_": "sampled statistics", "refresh": "refresh",
+PHASES = {"launch_ahead_": "norms and statistics launched ahead", "sample_stats_": "sampled statistics",
+          "refresh": "refresh",
           "nonfinite": "finiteness check",
           "update_fused_": "grouped updates", "reinit_": "re-init", "scale_b_": "scale B",
           "prepare_keys": "next unload's seeds"}

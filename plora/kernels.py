@@ -320,6 +320,7 @@ if triton is not None:
         KPAD: tl.constexpr, BLOCK: tl.constexpr,
         GATE=None,  # uint8 (1,): with GATED, set to 0 where a norm is not finite (never set to 1 here)
         GATED: tl.constexpr = False,
+        ZERO_SUMS: tl.constexpr = True,  # False: the two sums are left as they are (summed beside this)
     ):
         g = tl.program_id(0)
         row = tl.load(TABLE + 9 * tl.num_programs(0) + g)
@@ -334,8 +335,9 @@ if triton is not None:
         tl.store(STATS + 3 * row, norm2)
         if GATED:
             tl.store(GATE, tl.full([], 0, tl.uint8), mask=(norm2 != norm2) | (tl.abs(norm2) == float("inf")))
-        tl.store(STATS + 3 * row + 1, 0.0)
-        tl.store(STATS + 3 * row + 2, 0.0)
+        if ZERO_SUMS:
+            tl.store(STATS + 3 * row + 1, 0.0)
+            tl.store(STATS + 3 * row + 2, 0.0)
 
     @triton.jit
     def kaiming_fill(
@@ -655,7 +657,7 @@ def norm_table(factors: list[tuple[torch.Tensor, torch.Tensor]], alphas: list[fl
 
 def update_norms_(norms: NormTable, stats: torch.Tensor, *, gate: torch.Tensor | None = None,
                   slices: int | None = None, programs: int = 4096, chunk: int = 32, warps: int = 2,
-                  precision: str = "tf32x3", stages: int = 1) -> None:
+                  precision: str = "tf32x3", stages: int = 1, zero_sums: bool = True) -> None:
     """``stats[row_g] = [||alpha_g * L_g @ R_g||_F^2, 0, 0]`` for every layer of ``norms``: two launches.
 
     Exact while the update's other statistics are sampled, from the factors alone:
@@ -665,7 +667,9 @@ def update_norms_(norms: NormTable, stats: torch.Tensor, *, gate: torch.Tensor |
     model on an H200); then one program per layer multiplies them out. One launch pair covers
     layers of every shape, so the unload's finiteness check, which waits for it, costs a few
     launches per device, not a few per weight shape. The zeros start the sums that
-    ``grouped_update_``'s statistics add to, so the stats table needs no clearing of its own.
+    ``grouped_update_``'s statistics add to, so the stats table needs no clearing of its own;
+    ``zero_sums=False`` writes the norms alone, so that statistics passes can add to a zeroed
+    table at the same time (``UnloadPlan.launch_ahead_``).
     ``gate`` (uint8 (1,), on the device) is set to 0 if any of these norms is not finite, else left
     as it is: the caller sets it to 1 before the norms of its layers (``UnloadPlan``'s device check).
 
@@ -687,7 +691,7 @@ def update_norms_(norms: NormTable, stats: torch.Tensor, *, gate: torch.Tensor |
                               CHUNK=chunk, KPAD=norms.kpad, PRECISION=precision, num_warps=warps,
                               num_stages=stages)
     gram_norms[(G,)](grams, norms.table, norms.alphas, stats, KPAD=norms.kpad, BLOCK=1024, num_warps=4,
-                     GATE=gate if gate is not None else stats, GATED=gate is not None)
+                     GATE=gate if gate is not None else stats, GATED=gate is not None, ZERO_SUMS=zero_sums)
 
 
 def kaiming_fill_(ptrs: torch.Tensor, keys: torch.Tensor | None, numel: int, bound: float, dtype: torch.dtype,

@@ -202,7 +202,7 @@ def unload_(
                 on_nonfinite=on_nonfinite, residuals=residuals, landed_sample_rows=landed_sample_rows,
                 layers=layers, plan=plan)
     stats, sums, on_device = _enqueue_unload(model, momentum, **args)
-    norm2, dot, den, opened = _results(sums)  # the one sync after the updates
+    norm2, dot, den, opened = _results(sums)  # the one sync, after the updates (the re-init may still run)
     if not opened and on_device:  # an adapter is not finite and nothing was written: find it on the host
         stats, sums, _ = _enqueue_unload(model, momentum, **args, check_on_device=False)
         norm2, dot, den, opened = _results(sums)
@@ -215,13 +215,32 @@ def unload_(
     return stats
 
 
-def _results(sums: torch.Tensor | None) -> tuple[float, float, float, bool]:
-    """(norm², landed·expected, expected², every gate open) from the device, in one read: ``sums``
-    adds up the parts of every path, whose last element counts the closed gates (``update_fused_``)."""
+def _results(sums) -> tuple[float, float, float, bool]:
+    """(norm², landed·expected, expected², every gate open), in one read: ``sums`` (a tensor, or
+    ``_read_ahead``'s copy in flight) adds up the parts of every path, whose last element counts the
+    closed gates (``update_fused_``)."""
     if sums is None:
         return 0.0, 0.0, 0.0, True
+    if isinstance(sums, tuple):  # a copy to the host in flight: wait for it, not for what came after
+        sums, copied = sums
+        copied.synchronize()
     values = sums.tolist()
     return values[0], values[1], values[2], values[3] == 0
+
+
+def _read_ahead(sums: torch.Tensor | None):
+    """``sums`` copied to pinned host memory as soon as the updates have written it, with the event
+    that says it has arrived: ``_results`` then waits for the updates only, while the re-init
+    launched after them still runs (its kernels are stream-ordered before whatever the caller
+    launches next). Anything not on a CUDA device is returned as it is."""
+    if sums is None or sums.device.type != "cuda":
+        return sums
+    with torch.cuda.device(sums.device):
+        host = torch.empty(sums.shape, dtype=sums.dtype, pin_memory=True)
+        host.copy_(sums, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+    return host, copied
 
 
 def _enqueue_unload(model, momentum, *, adapter_name, merge_precision, seed, unload_index, on_nonfinite, residuals,
@@ -230,9 +249,9 @@ def _enqueue_unload(model, momentum, *, adapter_name, merge_precision, seed, unl
     """``unload_`` up to its last host sync: every update enqueued, the statistics still on the device
     (so a benchmark can time the host's share alone).
 
-    Returns the stats without the measured numbers, the device tensor (norm², landed·expected,
-    expected², closed gates) they come from (None when no layer was merged; a gate closed: its
-    device's kernels wrote nothing), and whether the finiteness check was left to the device
+    Returns the stats without the measured numbers, what they come from (norm², landed·expected,
+    expected², closed gates; on a GPU, a copy to the host in flight, which ``_results`` reads; None
+    when no layer was merged; a gate closed: its device's kernels wrote nothing), and whether the finiteness check was left to the device
     (``UnloadPlan.check_(on_device=True)``): then a closed gate means an adapter is not finite,
     nothing was written, and the unload must run again with ``check_on_device=False``.
     """
@@ -266,6 +285,7 @@ def _enqueue_unload(model, momentum, *, adapter_name, merge_precision, seed, unl
         gen = reinit_generator(seed, layer.name, unload_index, layer.weight.device) if mode == "stochastic" else None
         part = _unload_layer(layer, momentum, mode, residual, landed_sample_rows, gen)
         sums = part if sums is None else sums + part.to(sums.device)
+    sums = _read_ahead(sums)  # on its way to the host while the rest runs
     for layer in plan.bias_layers:
         _merge_bias(layer, momentum)
     if momentum >= 1.0:

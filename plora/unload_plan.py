@@ -10,10 +10,9 @@ An ``UnloadPlan`` sorts the layers once:
   pointers of W, residual, L, R; alpha = momentum * scaling; a stats slot per layer) and is updated
   by one launch of ``plora.kernels.grouped_update_``. The exact update norms of all fused layers of
   a device (its finiteness check) come from one launch pair per factor dtype and padded rank
-  (``plora.kernels.update_norms_`` over a ``NormTable``), launched by ``norms_ahead_`` before the
-  host checks the plan's pointers, and the sampled statistics of the updates (``sample_stats_``)
-  as soon as the weights are found unchanged, so that the GPU runs both while the host checks the
-  rest;
+  (``plora.kernels.update_norms_`` over a ``NormTable``), launched with the sampled statistics of
+  the updates (``sample_stats_``), side by side, as soon as the weights are found unchanged
+  (``launch_ahead_``), so that the GPU runs both while the host checks the factors;
 - every other layer (CPU, fp32 or fp16 weights, conv) keeps the per-layer torch path of
   ``plora.unload``.
 
@@ -22,13 +21,12 @@ every weight, factor and residual and the scalings against those the plan was bu
 rebuilds the plan if anything changed (``model.to()``, a load that replaced tensors, a new
 residual buffer, another momentum or merge precision).
 
-On one CUDA device the plan's four launch sequences (the norms, the sampled statistics, the grouped
-updates with the sums the unload reads, the fused re-init) are captured as CUDA graphs at their second
-run and replayed from then on
-(``plora.cuda_graphs``): their tables stay where they are until a rebuild, which drops the graphs,
+On one CUDA device the plan's launch sequences (the norms with the sampled statistics, or either
+alone, the grouped updates with the sums the unload reads, the fused re-init) are captured as CUDA
+graphs at their second run and replayed from then on (``plora.cuda_graphs``): their tables stay where they are until a rebuild, which drops the graphs,
 and the per-unload seeds are written into one persistent device buffer per device. Launches of a
-sequence that are independent of each other (the groups' statistics passes, their updates unless
-tied weights order them, the fills) are captured as parallel branches (``_branches``), so that
+sequence that are independent of each other (the norms and the groups' statistics passes, their
+updates unless tied weights order them, the fills) are captured as parallel branches (``_branches``), so that
 they overlap when replayed.
 
 Re-initialisation (momentum 1) on the fused path: the A factors of kaiming-initialised linear
@@ -205,22 +203,19 @@ class UnloadPlan:
         """``refresh``, then ``nonfinite`` of the factors as they are now.
 
         What the GPU can do before the refresh has checked every pointer is launched first, so that
-        it works while the host checks (1B-shaped model: 112 weights and 224 factors): the norms
-        (``norms_ahead_``) right away, on the factors the plan holds; then, once the weights,
-        residuals, merge precision and momentum are found unchanged, the sampled statistics of the
-        update to come (``stats_for`` = (seed, unload_index, sample_rows), ``sample_stats_``),
-        which read the weights. A rebuild computes both again; ``update_fused_(norms=False)``
-        builds on them.
+        it works while the host checks (1B-shaped model: 112 weights and 224 factors): once the
+        weights, residuals, merge precision and momentum are found unchanged, ``launch_ahead_``
+        launches the norms, on the factors the plan holds, and the sampled statistics of the update
+        to come (``stats_for`` = (seed, unload_index, sample_rows)), side by side. A rebuild
+        computes both again; ``update_fused_(norms=False)`` builds on them.
 
         ``on_device=True`` on a ``device_checked`` plan returns None instead, without a host sync:
         the norms have set the device's gate, and every kernel of the unload that writes reads it,
         so a non-finite adapter makes the whole unload write nothing (``update_fused_``'s sums tell).
         After a check that found a non-finite adapter, the next one runs on the host (an adapter
         left non-finite under ``on_nonfinite='skip'`` would otherwise cost two passes each time)."""
-        ahead = self.norms_ahead_()
         weights = self._weights_signature(merge_precision, momentum, residuals)
-        if ahead and stats_for is not None and self._key[0] == weights:
-            self.sample_stats_(*stats_for)
+        ahead = self.launch_ahead_(weights, stats_for)
         if self.refresh(merge_precision, momentum, residuals, weights) or not ahead:
             self.update_norms_()
         if on_device and self.device_checked and not self.host_check_next:
@@ -229,17 +224,43 @@ class UnloadPlan:
         self.host_check_next = bool(bad)
         return bad
 
-    def norms_ahead_(self) -> bool:
-        """Launch ``update_norms_`` before the ``refresh`` that must follow, if the plan is built
-        (and has fused layers): the GPU then computes the norms while the host checks the plan's
-        pointers. The norm kernels read only the factors the plan's tables point to, whose
+    def launch_ahead_(self, weights: tuple, stats_for: tuple[int, int, int] | None = None) -> bool:
+        """Launch the norms (``update_norms_``) and, with ``stats_for`` = (seed, unload_index,
+        sample_rows), the sampled statistics (``sample_stats_``) before the ``refresh`` that must
+        follow, if the plan is built (with fused layers) for these ``weights`` (what
+        ``_weights_signature`` has just returned): the GPU then runs them while the host checks
+        the factors' pointers. They are independent of each other (the norms write the stats
+        table's first column, the statistics add to the other two, zeroed first), so they go out
+        as one launch sequence of parallel branches: the latency-bound norm kernels beside the
+        statistics passes. The norm kernels read only the factors the plan's tables point to, whose
         storage the plan holds (``_held``: the very tensors of the model's adapter, so no memory
         beyond it, unless one was replaced since the last refresh, which then rebuilds and lets
-        go), and write only the plan's own tables. Returns whether it launched; the norms stand
-        unless that refresh rebuilds."""
-        if self._key is None or not self._devices:
+        go); the statistics read the weights and residuals just checked. Both write only the
+        plan's own tables. Returns whether it launched; what it launched stands unless that
+        refresh rebuilds."""
+        if self._key is None or not self._devices or self._key[0] != weights:
             return False
-        self.update_norms_()
+        from plora import kernels
+
+        sample_rows = None if stats_for is None else stats_for[2]
+        if sample_rows is not None and all(kernels.stats_step(*g.shape[:2], sample_rows) == 1
+                                           for work in self._devices for g in work.updates):
+            sample_rows = None  # no group has a pass of its own (small layers): the norms alone
+        seed_tables = self._seed_keys(*stats_for[:2]) if sample_rows is not None else None
+
+        def launch_all():
+            for i, work in enumerate(self._devices):
+                with _on(work.device):
+                    work.gate.fill_(1)  # the gate every writing kernel of the unload reads (update_norms_)
+                    if sample_rows is None:
+                        _norms(work)
+                        continue
+                    work.stats.zero_()
+                    _branches([functools.partial(_norms, work, zero_sums=False)]
+                              + _group_launches(work, seed_tables[i][0], sample_rows, "stats", {}), work.device)
+
+        self._launches(("ahead", sample_rows), launch_all, {})
+        self._stats_for = stats_for  # (the norms have reset the sums: none launched, none to add)
         return True
 
     def _weights_signature(self, merge_precision, momentum, residuals) -> tuple:
@@ -283,7 +304,7 @@ class UnloadPlan:
             fused.setdefault(key, []).append((layer, residual, L, R))
         self._devices = self._device_work(fused, momentum)
         # aliases of the factors' storage: a factor given new storage leaves the old one alive for
-        # the norms launched ahead of the next refresh, which then rebuilds (norms_ahead_)
+        # the norms launched ahead of the next refresh, which then rebuilds (launch_ahead_)
         self._held = [t.detach() for members in fused.values() for _, _, L, R in members for t in (L, R)]
         # the fused layers' factors are checked through their update norms (``nonfinite``); every
         # other adapter tensor (the torch path's layers, a fused layer's lora_bias) by a norm of its own
@@ -357,7 +378,7 @@ class UnloadPlan:
         the exact norm of their update, ``||alpha L R||_F^2`` from the factors' Gram matrices, which
         ``update_norms_`` writes into the stats table, where ``update_fused_(norms=False)`` then
         finds them; ``norms_current=True`` says it has run since the factors last changed (``check_``
-        launches it ahead of the refresh, ``norms_ahead_``), else it runs here first. The other
+        launches it ahead of the refresh, ``launch_ahead_``), else it runs here first. The other
         adapter tensors are checked through one multi-tensor norm per device and dtype (an update
         whose norm overflows fp32 is refused as well: merging it would be no better). One host sync
         per device, reading the norms themselves: the host-checked unload's only one before its
@@ -392,8 +413,6 @@ class UnloadPlan:
         builds on. The zeros restart the sums of the statistics passes (``sample_stats_``)."""
         if not self._devices:
             return
-        from plora import kernels
-
         self._stats_for = None  # the zeros below reset what statistics launched before had summed
 
         def launch_all():
@@ -401,8 +420,7 @@ class UnloadPlan:
                 with _on(work.device):
                     # the gate every writing kernel of the unload reads: open unless a norm is not finite
                     work.gate.fill_(1)
-                    for norms in work.norms:
-                        kernels.update_norms_(norms, work.stats, gate=work.gate, **launch)
+                    _norms(work, **launch)
 
         self._launches("norms", launch_all, launch)
 
@@ -561,6 +579,14 @@ def _group_launches(work: _DeviceWork, seed_tables: list[torch.Tensor], sample_r
                               g.factor_dtype, g.mode, g.has_res, sample_rows=sample_rows, gate=work.gate,
                               passes=passes, **launch)
             for g in work.updates]
+
+
+def _norms(work: _DeviceWork, **launch) -> None:
+    """Launch the norms of every fused layer of one device into its stats table (``update_norms_``)."""
+    from plora import kernels
+
+    for norms in work.norms:
+        kernels.update_norms_(norms, work.stats, gate=work.gate, **launch)
 
 
 def _branches(launches: list, device: torch.device, parallel: bool = True) -> None:

@@ -313,6 +313,11 @@ def check_update_norms(device):
             assert torch.allclose(got, torch.tensor(want, dtype=torch.float64), rtol=1e-5), (fdtype, slices, got, want)
             assert (stats[rows, 1:] == 0).all()  # the start of the update pass's sums
             assert (stats[[1, 3]] == -1).all()  # other rows untouched
+        # zero_sums=False: the norms alone, the sums (added to beside them) as they were
+        stats = torch.full((6, 3), -1.0, device=device)
+        update_norms_(norms, stats, zero_sums=False)
+        assert torch.allclose(stats[rows, 0].double().cpu(), torch.tensor(want, dtype=torch.float64), rtol=1e-5)
+        assert (stats[rows, 1:] == -1).all() and (stats[[1, 3]] == -1).all()
     with pytest.raises(ValueError, match="one dtype"):
         norm_table([(layers[0][0].float(), layers[0][1])], [1.0], [0])
 
