@@ -251,9 +251,10 @@ def _enqueue_unload(model, momentum, *, adapter_name, merge_precision, seed, unl
 
     Returns the stats without the measured numbers, what they come from (norm², landed·expected,
     expected², closed gates; on a GPU, a copy to the host in flight, which ``_results`` reads; None
-    when no layer was merged; a gate closed: its device's kernels wrote nothing), and whether the finiteness check was left to the device
-    (``UnloadPlan.check_(on_device=True)``): then a closed gate means an adapter is not finite,
-    nothing was written, and the unload must run again with ``check_on_device=False``.
+    when no layer was merged; a gate closed: its device's kernels wrote nothing), and whether the
+    finiteness check was left to the device (``UnloadPlan.check_(on_device=True)``): then a closed
+    gate means an adapter is not finite, nothing was written, and the unload must run again with
+    ``check_on_device=False``.
     """
     if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 < momentum <= 1.0:
         raise ValueError(f"momentum must be in (0, 1], got {momentum!r}")

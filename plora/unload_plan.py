@@ -23,11 +23,11 @@ residual buffer, another momentum or merge precision).
 
 On one CUDA device the plan's launch sequences (the norms with the sampled statistics, or either
 alone, the grouped updates with the sums the unload reads, the fused re-init) are captured as CUDA
-graphs at their second run and replayed from then on (``plora.cuda_graphs``): their tables stay where they are until a rebuild, which drops the graphs,
-and the per-unload seeds are written into one persistent device buffer per device. Launches of a
-sequence that are independent of each other (the norms and the groups' statistics passes, their
-updates unless tied weights order them, the fills) are captured as parallel branches (``_branches``), so that
-they overlap when replayed.
+graphs at their second run and replayed from then on (``plora.cuda_graphs``): their tables stay
+where they are until a rebuild, which drops the graphs, and the per-unload seeds are written into
+one persistent device buffer per device. Launches of a sequence that are independent of each other
+(the norms and the groups' statistics passes, their updates unless tied weights order them, the
+fills) are captured as parallel branches (``_branches``), so that they overlap when replayed.
 
 Re-initialisation (momentum 1) on the fused path: the A factors of kaiming-initialised linear
 layers are drawn by ``plora.kernels.kaiming_fill_``, one launch per A shape, from a hash of
