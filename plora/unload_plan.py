@@ -240,11 +240,8 @@ class UnloadPlan:
         refresh rebuilds."""
         if self._key is None or not self._devices or self._key[0] != weights:
             return False
-        from plora import kernels
-
         sample_rows = None if stats_for is None else stats_for[2]
-        if sample_rows is not None and all(kernels.stats_step(*g.shape[:2], sample_rows) == 1
-                                           for work in self._devices for g in work.updates):
+        if sample_rows is not None and not self._stats_passes(sample_rows):
             sample_rows = None  # no group has a pass of its own (small layers): the norms alone
         seed_tables = self._seed_keys(*stats_for[:2]) if sample_rows is not None else None
 
@@ -265,8 +262,9 @@ class UnloadPlan:
 
     def _weights_signature(self, merge_precision, momentum, residuals) -> tuple:
         """What the statistics passes depend on besides the factors: precision, momentum, and the
-        pointers of the weights (and lora_bias), and of the residuals."""
-        res = None if residuals is None else [
+        pointers of the weights (and lora_bias), and of the residuals where a layer may use one (only
+        ``compensated`` does: the others are not read, a Python loop over the layers spared)."""
+        res = None if residuals is None or merge_precision not in ("auto", "compensated") else [
             0 if (r := residuals.get(name)) is None else r.data_ptr() for name in self._names]
         return merge_precision, momentum, _pointers(self._other_slots), res
 
@@ -276,6 +274,7 @@ class UnloadPlan:
     def _build(self, merge_precision: str, momentum: float, residuals: dict | None) -> None:
         self._keys = None  # the seed tables of _seed_keys, made for the groups built here
         self._stats_for = None
+        self._passes = {}  # sample_rows -> whether a group has a statistics pass (_stats_passes)
         self._graphs.clear()  # captured with the old tables (waits for the graphs launched)
         self._held = []  # (eager launches still reading them precede any reuse of their memory: one stream)
         self.modes: dict[str, int] = {}
@@ -429,16 +428,13 @@ class UnloadPlan:
         arguments): on about ``sample_rows`` rows per layer, from W as it is, adding [landed·d, d·d]
         to the stats rows that ``update_norms_`` has just reset (with ``sample_rows`` 0, or a layer
         of few rows, the update pass sums them over every row itself, and there is nothing to launch
-        here). They read W, the residuals and the factors and write only the stats table: ``check_``
-        launches them once the weights are checked, before the factors are, so that the GPU runs
-        them while the host checks the rest."""
+        here). They read W, the residuals and the factors and write only the stats table. A kept
+        plan's unload launches the same passes beside the norms, once the weights are checked
+        (``launch_ahead_``); this runs them on their own, after a rebuild (``update_fused_``)."""
         if not self._devices:
             return
-        from plora import kernels
-
         self._stats_for = (seed, unload_index, sample_rows)
-        if not launch and all(kernels.stats_step(*g.shape[:2], sample_rows) == 1
-                              for work in self._devices for g in work.updates):
+        if not launch and not self._stats_passes(sample_rows):
             return  # no group has a pass of its own (small layers): nothing to launch, no empty graph
         seed_tables = self._seed_keys(seed, unload_index)  # before any capture: new values, fixed addresses
 
@@ -489,6 +485,16 @@ class UnloadPlan:
             return out
 
         return self._launches(("updates", sample_rows), launch_all, launch)
+
+    def _stats_passes(self, sample_rows: int) -> bool:
+        """Whether some group has a statistics pass of its own at ``sample_rows`` (kept per build)."""
+        known = self._passes.get(sample_rows)
+        if known is None:
+            from plora import kernels
+
+            known = self._passes[sample_rows] = any(kernels.stats_step(*g.shape[:2], sample_rows) > 1
+                                                     for work in self._devices for g in work.updates)
+        return known
 
     def prepare_keys(self, seed: int, unload_index: int) -> None:
         """Make the seed tables of an unload with (seed, unload_index) now, stochastic rounding's and
