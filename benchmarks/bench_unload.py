@@ -309,12 +309,13 @@ def bench_model(shape, device, args, clock, copy_bps):
     fused = fused_ok(layers[0])  # the plan's own test: bf16 CUDA weight, triton importable
     rows, residual_bytes, n_layers = [], 0, len(layers)
 
-    def row(name, mode, seconds, growth, targets=False, reference=None, host=None, probe=False):
+    def row(name, mode, seconds, growth, targets=False, reference=None, host=None, probe=False, each=None):
         nbytes = BYTES_PER_ELEMENT[mode] * elements
         r = {
             "variant": name,
             "mode": mode,
             "ms": seconds * 1e3,
+            "ms_each": None if each is None else [t * 1e3 for t in each],  # every timed run, in order
             "host_us_per_layer": None if host is None else host * 1e6 / n_layers,
             "bytes": nbytes,
             "GBps": nbytes / seconds / 1e9,
@@ -352,9 +353,9 @@ def bench_model(shape, device, args, clock, copy_bps):
                                 unload_index=next(counter), on_nonfinite="raise", residuals=residuals,
                                 landed_sample_rows=args.landed_sample_rows, layers=None, plan=plan)
 
-        s, _, growth = clock.measure(unload, prepare, args.reps, args.warmup)
+        s, each, growth = clock.measure(unload, prepare, args.reps, args.warmup)
         host = clock.host(enqueue, prepare, args.reps, args.warmup)
-        row(f"plora {mode}", mode, s, growth, targets=True, reference=naive_s, host=host)
+        row(f"plora {mode}", mode, s, growth, targets=True, reference=naive_s, host=host, each=each)
         if mode == "compensated":
             residual_bytes = sum(t.numel() * t.element_size() for t in residuals.values())
         if args.landed_rows is not None:
@@ -365,10 +366,10 @@ def bench_model(shape, device, args, clock, copy_bps):
             import plora.kernels as kernels
 
             if plan.device_checked:  # its check is on the device: the replays are all it launches
-                s, _, growth = clock.measure(gpu_work_only(plan, args.landed_sample_rows), prepare, args.reps,
-                                             args.warmup)
+                s, each, growth = clock.measure(gpu_work_only(plan, args.landed_sample_rows), prepare, args.reps,
+                                                args.warmup)
                 row(f"plora {mode}, GPU work only (its graphs replayed, no host work)", mode, s, growth,
-                    reference=naive_s, probe=True)
+                    reference=naive_s, probe=True, each=each)
             s, _, growth = clock.measure(launched_one_by_one(unload), prepare, args.reps, args.warmup)
             row(f"plora {mode}, no CUDA graphs", mode, s, growth, reference=naive_s, probe=True)
             real = kernels.fused_available

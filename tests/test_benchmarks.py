@@ -149,7 +149,7 @@ def test_profile_unload_host_only_times_each_phase(tmp_path, capsys):
         assert set(row["phases_host_us"]) == set(prof.PHASES.values()) - {"scale B", "sampled statistics"}
         assert 0 < sum(row["phases_host_us"].values()) <= row["wall_us"]
     printed = capsys.readouterr().out
-    assert "host time by phase, no profiler" in printed and "| wall | host: norms launched ahead | host: refresh |" in printed
+    assert "host time by phase, no profiler" in printed and "| wall | host: norms and statistics launched ahead | host: refresh |" in printed
 
 
 def test_profile_unload_analyses_a_trace():
