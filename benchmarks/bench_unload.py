@@ -26,6 +26,10 @@ layer. Timed, each as the median of several repetitions after a warm-up, in one 
 - ``plora <mode>, GPU work only``: the same unload's launch sequences replayed back to back without
   any of its host work (pointer checks, seeds, the statistics read; ``gpu_work_only``): the floor
   of its bandwidth share, what it would reach if its host cost nothing (GPU only).
+- ``plora <mode>, behind queued GPU work``: the same unload enqueued behind a few ms of matmuls,
+  as a training loop enqueues it behind the optimizer step (the host runs ahead of the GPU),
+  timed by CUDA events from the end of the matmuls to the end of the unload's work: its cost on
+  the GPU's timeline in training, its host work hidden where the queue outlasts it (GPU only).
 - ``plora <mode>, no CUDA graphs``: the same unload with its launch sequences launched one by one
   instead of replayed as CUDA graphs (``plora.cuda_graphs``; GPU only).
 - ``plora <mode>, torch path``: the unload with the Triton kernels switched off (GPU only).
@@ -208,6 +212,33 @@ class Clock:
         return statistics.median(times)
 
 
+def behind_queued_work(fn, device, prepare=None, reps=5, warmup=1):
+    """(median seconds, every run's seconds) of ``fn``'s GPU work when its host enqueues it behind
+    queued GPU work, as a training loop does (the host runs ahead of the optimizer step it has just
+    launched, so an unload's host work overlaps that step's tail): a few ms of matmuls first, then
+    ``fn``, timed by CUDA events from the end of the matmuls to the end of everything ``fn``
+    launched (its re-init included). CUDA only. Where the unload's host work outlasts nothing, this
+    is its GPU time; its own host sync still drains the queue, so the next step's launches start
+    from an empty GPU (the training-step benchmark measures that)."""
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for i in range(warmup + reps):
+        if prepare:
+            prepare()
+        torch.cuda.synchronize()
+        for _ in range(3):  # about 4 ms on an H200: more than the host takes to enqueue an unload
+            a @ a
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        if i >= warmup:
+            times.append(start.elapsed_time(end) / 1e3)
+    del a
+    return statistics.median(times), times
+
+
 def copy_bandwidth(clock, device, elements):
     src = torch.randn(elements, device=device).to(torch.bfloat16)
     dst = torch.empty_like(src)
@@ -243,8 +274,8 @@ def launched_one_by_one(fn):
 
 def gpu_work_only(plan, sample_rows=64):
     """The unload's GPU work with none of its host work: a kept plan's launch sequences (the norms
-    that set the gate, the sampled statistics where a group has a pass of its own, the grouped
-    updates, the re-init),
+    that set the gate beside the sampled statistics where a group has a pass of its own, the grouped
+    updates with the re-init, in one sequence where the plan allows it),
     replayed back to back as ``unload_`` launches them once the plan is checked, without the
     pointer checks, the seed hashing and the statistics read. What the unload would take if its
     host cost nothing: the floor its bandwidth share can reach (GPU only; the plan must have run
@@ -253,8 +284,9 @@ def gpu_work_only(plan, sample_rows=64):
 
     def run():
         plan.launch_ahead_(plan._key[0], (0, 0, sample_rows))
-        plan.update_fused_(0, 0, sample_rows, norms=False)
-        plan.reinit_(0, 0)
+        plan.update_fused_(0, 0, sample_rows, norms=False, reinit=plan.reinit_with_updates)
+        if not plan.reinit_with_updates:
+            plan.reinit_(0, 0)
 
     return run
 
@@ -365,6 +397,9 @@ def bench_model(shape, device, args, clock, copy_bps):
         if fused:
             import plora.kernels as kernels
 
+            s, each = behind_queued_work(unload, device, prepare, args.reps, args.warmup)
+            row(f"plora {mode}, behind queued GPU work (as in training; CUDA events)", mode, s, None,
+                reference=naive_s, probe=True, each=each)
             if plan.device_checked:  # its check is on the device: the replays are all it launches
                 s, each, growth = clock.measure(gpu_work_only(plan, args.landed_sample_rows), prepare, args.reps,
                                                 args.warmup)

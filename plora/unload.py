@@ -279,7 +279,10 @@ def _enqueue_unload(model, momentum, *, adapter_name, merge_precision, seed, unl
         plan.refresh(merge_precision, momentum, residuals)
         plan.update_norms_()
     sums = None  # (norm², landed·expected, expected², closed gates), accumulated on the device
-    for part in plan.update_fused_(seed, unload_index, landed_sample_rows, norms=False):  # norms: above
+    # at momentum 1 on a plan of fused re-inits only, each group's re-init follows its own update
+    reinit_now = momentum >= 1.0 and plan.reinit_with_updates
+    for part in plan.update_fused_(seed, unload_index, landed_sample_rows, norms=False,  # norms: above
+                                   reinit=reinit_now):
         sums = part if sums is None else sums + part.to(sums.device)
     for layer, mode, residual in plan.torch_work:
         # the stochastic-rounding stream; the other modes draw nothing
@@ -290,7 +293,8 @@ def _enqueue_unload(model, momentum, *, adapter_name, merge_precision, seed, unl
     for layer in plan.bias_layers:
         _merge_bias(layer, momentum)
     if momentum >= 1.0:
-        plan.reinit_(seed, unload_index)
+        if not reinit_now:
+            plan.reinit_(seed, unload_index)
     else:
         plan.scale_b_(1.0 - momentum)
     if kept and not bad:  # (None: checked on the device, most likely clean)

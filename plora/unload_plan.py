@@ -22,8 +22,9 @@ rebuilds the plan if anything changed (``model.to()``, a load that replaced tens
 residual buffer, another momentum or merge precision).
 
 On one CUDA device the plan's launch sequences (the norms with the sampled statistics, or either
-alone, the grouped updates with the sums the unload reads, the fused re-init) are captured as CUDA
-graphs at their second run and replayed from then on (``plora.cuda_graphs``): their tables stay
+alone, the grouped updates with the sums the unload reads, the fused re-init, which at momentum 1
+joins the updates' sequence where every re-init is a fused fill: ``reinit_with_updates``, each
+group's fills right after its own update) are captured as CUDA graphs at their second run and replayed from then on (``plora.cuda_graphs``): their tables stay
 where they are until a rebuild, which drops the graphs, and the per-unload seeds are written into
 one persistent device buffer per device. Launches of a sequence that are independent of each other
 (the norms and the groups' statistics passes, their updates unless tied weights order them, the
@@ -130,6 +131,7 @@ class _FillGroup:
     bound: float
     dtype: torch.dtype
     ptrs: torch.Tensor  # int64 (G,)
+    group: int  # the update group (index in its device's updates) whose layers these are
 
 
 @dataclass
@@ -179,6 +181,7 @@ class UnloadPlan:
         self._seed_prefixes: dict = {}  # (seed, layer name) -> its hash state (reinit_seeds)
         self._graphs = GraphCache()  # the launch sequences of this plan's tables, as CUDA graphs
         self.device_checked = False  # set by refresh
+        self.reinit_with_updates = False  # set by refresh
         self.host_check_next = False  # the last check found a non-finite adapter: check on the host
 
     # --- build and revalidate ---------------------------------------------------------------------
@@ -318,6 +321,10 @@ class UnloadPlan:
         self.torch_reinit = [layer for layer in self.layers if layer.name not in filled]
         # every tensor an unload writes is written by a kernel that reads its device's gate: the
         # finiteness check can then stay on the device (check_(on_device=True))
+        # every re-init is a fused layer's fill, and no bias merge reads a lora_bias after the
+        # updates: the re-init can then run inside the updates' launch sequence (update_fused_(reinit=True))
+        self.reinit_with_updates = (any(work.fills for work in self._devices) and not self.torch_reinit
+                                    and not self._b_rest and not self.bias_layers)
         self.device_checked = (len(self._devices) == 1 and momentum == 1.0 and not self.torch_work
                                and not self.bias_layers and not self.torch_reinit and not self._b_rest
                                and not self._finite)
@@ -361,7 +368,8 @@ class UnloadPlan:
             n_keys = sum(len(g.names) for g in updates if g.mode == "stochastic") + sum(len(f.names) for f in fills)
             keys = torch.zeros(n_keys, dtype=torch.int64, device=device)
             filled = {name for fill in fills for name in fill.names}
-            zero_fills, b_rest = _zero_groups(device, [t for _, members in groups for layer, _, _, _ in members
+            zero_fills, b_rest = _zero_groups(device, [(group, t) for group, (_, members) in enumerate(groups)
+                                                       for layer, _, _, _ in members
                                                        if layer.name in filled for t in layer.b_tensors()])
             gate = torch.ones(1, dtype=torch.uint8, device=device)
             result = torch.zeros(4, dtype=torch.float64, device=device)
@@ -446,7 +454,7 @@ class UnloadPlan:
         self._launches(("stats", sample_rows), launch_all, launch)
 
     def update_fused_(self, seed: int, unload_index: int, sample_rows: int = 0, *, norms: bool = True,
-                      **launch) -> list[torch.Tensor]:
+                      reinit: bool = False, **launch) -> list[torch.Tensor]:
         """Launch the grouped updates; per device, a float64 device tensor [norm², landed·d, d·d,
         closed]: the norm² of the merged update over every element, the next two over about
         ``sample_rows`` rows per layer (0 = all), as ``unload._unload_layer`` returns them, then 1
@@ -461,6 +469,10 @@ class UnloadPlan:
         Stochastic rounding draws from ``reinit_seed(seed, layer, unload_index)``, as a layer
         updated on its own by ``kernels.fused_update_`` with that seed would. ``launch`` goes to
         ``kernels.grouped_update_`` (its benchmark-only options: statistics, tiling, register cap, layout).
+
+        ``reinit=True`` (on a plan whose ``reinit_with_updates`` holds, at momentum 1) re-initialises
+        the adapters in the same launch sequence, as ``reinit_`` would: each group's fills follow its
+        own update, beside the other groups' updates, instead of all of them after the last one.
         """
         if not self._devices:
             return []
@@ -471,20 +483,29 @@ class UnloadPlan:
         self._stats_for = None  # the update passes add to the same sums
         seed_tables = self._seed_keys(seed, unload_index)  # before any capture: new values, fixed addresses
 
+        if reinit and not self.reinit_with_updates:
+            raise ValueError("update_fused_(reinit=True) needs a plan whose every re-init is a fused fill "
+                             "(reinit_with_updates)")
+
         def launch_all():
             out = []
-            for work, (work_tables, _) in zip(self._devices, seed_tables):
+            for work, (work_tables, fill_tables) in zip(self._devices, seed_tables):
                 with _on(work.device):
+                    updates = _group_launches(work, work_tables, sample_rows, "update", launch)
+                    if reinit and not work.tied:  # a group's fills read nothing another group writes
+                        updates = [_in_turn([update, *_fill_launches(work, fill_tables, group)])
+                                   for group, update in enumerate(updates)]
                     # groups update other weights (other rows of the stats table) unless tied
-                    _branches(_group_launches(work, work_tables, sample_rows, "update", launch), work.device,
-                              parallel=not work.tied)
+                    _branches(updates, work.device, parallel=not work.tied)
+                    if reinit and work.tied:
+                        _branches(_fill_launches(work, fill_tables), work.device)
                     # the unload's one read: the sums and the gate together (no launch after the graph)
                     torch.sum(work.stats, 0, dtype=torch.float64, out=work.result[:3])
                     torch.logical_not(work.gate, out=work.result[3:])
                     out.append(work.result)
             return out
 
-        return self._launches(("updates", sample_rows), launch_all, launch)
+        return self._launches(("updates", sample_rows, reinit), launch_all, launch)
 
     def _stats_passes(self, sample_rows: int) -> bool:
         """Whether some group has a statistics pass of its own at ``sample_rows`` (kept per build)."""
@@ -529,17 +550,12 @@ class UnloadPlan:
         fused path, by a generator seeded with it elsewhere.
         """
         if any(work.fills for work in self._devices):
-            from plora.kernels import kaiming_fill_
-
             seed_tables = self._seed_keys(seed, unload_index)  # before any capture, as in update_fused_
 
             def launch_all():
                 for work, (_, fill_tables) in zip(self._devices, seed_tables):
                     with _on(work.device):  # every fill writes tensors of its own
-                        _branches([functools.partial(kaiming_fill_, fill.ptrs, keys, fill.numel, fill.bound, fill.dtype,
-                                                     gate=work.gate) for fill, keys in zip(work.fills, fill_tables)]
-                                  + [functools.partial(kaiming_fill_, fill.ptrs, None, fill.numel, 0.0, fill.dtype,
-                                                       gate=work.gate) for fill in work.zero_fills], work.device)
+                        _branches(_fill_launches(work, fill_tables), work.device)
                 for device, groups in self._b_rest.items():
                     with _on(device):
                         for tensors, _ in groups:
@@ -595,6 +611,22 @@ def _norms(work: _DeviceWork, **launch) -> None:
         kernels.update_norms_(norms, work.stats, gate=work.gate, **launch)
 
 
+def _fill_launches(work: _DeviceWork, fill_tables: list[torch.Tensor], group: int | None = None) -> list:
+    """One device's re-init launches (``kernels.kaiming_fill_``: A drawn, B zeroed) as functions, those
+    of one update group only if ``group`` is given; ``fill_tables``: the seeds, one per fill."""
+    from plora.kernels import kaiming_fill_
+
+    return ([functools.partial(kaiming_fill_, fill.ptrs, keys, fill.numel, fill.bound, fill.dtype, gate=work.gate)
+             for fill, keys in zip(work.fills, fill_tables) if group is None or fill.group == group]
+            + [functools.partial(kaiming_fill_, fill.ptrs, None, fill.numel, 0.0, fill.dtype, gate=work.gate)
+               for fill in work.zero_fills if group is None or fill.group == group])
+
+
+def _in_turn(launches: list):
+    """One function that calls ``launches`` in order (a branch of ``_branches``)."""
+    return lambda: [launch() for launch in launches]
+
+
 def _branches(launches: list, device: torch.device, parallel: bool = True) -> None:
     """Call ``launches`` (functions that launch GPU work, each independent of the others) in order;
     while a CUDA graph is being captured, each on a stream of its own, forked from the capturing
@@ -624,38 +656,42 @@ def _on(device: torch.device):
 
 
 def _fill_groups(device: torch.device, groups: list) -> list[_FillGroup]:
-    """The kaiming re-init groups of one device's fused layers: by A's shape and dtype."""
+    """The kaiming re-init groups of one device's fused layers: by update group, A's shape and dtype
+    (so that a group's re-init can follow its own update, ``update_fused_(reinit=True)``)."""
     by_shape: dict[tuple, list] = {}
-    for _, members in groups:
+    for group, (_, members) in enumerate(groups):
         for layer, _, _, _ in members:
             if layer.kind != "linear" or layer.init_mode != "kaiming":
                 continue
             A = layer.adapter_tensors()[0]
             if A.is_contiguous():  # its dtype, device and alignment: fused_ok checked them on the factors
-                by_shape.setdefault((tuple(A.shape), A.dtype), []).append((layer.name, A))
+                by_shape.setdefault((group, tuple(A.shape), A.dtype), []).append((layer.name, A))
     # kaiming_uniform_(a=sqrt(5)): gain sqrt(1/3), bound sqrt(3) * gain / sqrt(fan_in) = 1 / sqrt(fan_in)
     return [
         _FillGroup(names=[name for name, _ in members], numel=math.prod(shape), bound=1.0 / math.sqrt(shape[1]),
-                   dtype=dtype, ptrs=torch.tensor([A.data_ptr() for _, A in members], dtype=torch.int64, device=device))
-        for (shape, dtype), members in by_shape.items()
+                   dtype=dtype, ptrs=torch.tensor([A.data_ptr() for _, A in members], dtype=torch.int64, device=device),
+                   group=group)
+        for (group, shape, dtype), members in by_shape.items()
     ]
 
 
-def _zero_groups(device: torch.device, tensors: list[torch.Tensor]) -> tuple[list[_FillGroup], list[torch.Tensor]]:
-    """The zero fills of ``tensors`` (B factors to re-initialise) that the fill kernel can write
-    (contiguous, 16-byte aligned, a dtype of ``FACTOR_DTYPES``), one per size and dtype; and the rest."""
+def _zero_groups(device: torch.device, tensors: list[tuple[int, torch.Tensor]]
+                 ) -> tuple[list[_FillGroup], list[torch.Tensor]]:
+    """The zero fills of ``tensors`` ((update group, B factor to re-initialise) pairs) that the fill
+    kernel can write (contiguous, 16-byte aligned, a dtype of ``FACTOR_DTYPES``), one per update
+    group, size and dtype; and the rest."""
     from plora import kernels
 
     by_size: dict[tuple, list] = {}
     rest = []
-    for t in tensors:
+    for group, t in tensors:
         if t.is_contiguous() and _aligned(t) and t.dtype in kernels.FACTOR_DTYPES and t.numel() > 0:
-            by_size.setdefault((t.numel(), t.dtype), []).append(t)
+            by_size.setdefault((group, t.numel(), t.dtype), []).append(t)
         else:
             rest.append(t.detach())
     return [_FillGroup(names=[], numel=numel, bound=0.0, dtype=dtype,
-                       ptrs=torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64, device=device))
-            for (numel, dtype), ts in by_size.items()], rest
+                       ptrs=torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64, device=device), group=group)
+            for (group, numel, dtype), ts in by_size.items()], rest
 
 
 def _seed_tables(chunks: list[tuple[int, list[str]]], unload_index: int, out: torch.Tensor,

@@ -171,6 +171,33 @@ def check_fused_reinit(device):
         assert torch.equal(A, want)  # the documented stream: the kernel's hash of reinit_seed(seed + 1, ...)
 
 
+def check_reinit_with_the_updates_gives_reinit_s_bits(device):
+    """At momentum 1 a plan of fused re-inits only runs each group's re-init right after its own
+    update, in the updates' launch sequence (``update_fused_(reinit=True)``): weights, A and B come
+    out bit for bit as with the re-init launched after every update (``reinit_``), over three unloads
+    of a kept plan (on a GPU the third replays its graphs), tied weights too. A plan that has a
+    re-init of another kind (a lora_bias merged after the updates here) refuses ``reinit=True``."""
+    for tied in (False, True):
+        states = []
+        for together in (True, False):
+            model = stack_peft(device, tied=tied)
+            plan = UnloadPlan(adapted_layers(model))
+            if not together:  # the re-init launched on its own, after the updates
+                real_build = plan._build
+                plan._build = lambda *a: (real_build(*a), setattr(plan, "reinit_with_updates", False))
+            for index in range(3):
+                randomise_adapters_(model, seed=index, scale=0.1)
+                plora.unload_(model, 1.0, merge_precision="stochastic", plan=plan, unload_index=index, seed=3)
+                assert plan.reinit_with_updates == together
+            states.append([t.clone() for t in model.state_dict().values()])
+        assert all(torch.equal(a, b) for a, b in zip(*states)), tied
+    plan = UnloadPlan(adapted_layers(stack_peft(device, lora_bias=True)))
+    plan.refresh("direct", 1.0, None)
+    assert plan.bias_layers and not plan.reinit_with_updates
+    with pytest.raises(ValueError, match="reinit_with_updates"):
+        plan.update_fused_(0, 0, reinit=True)
+
+
 def check_tied_weights_are_updated_in_turn(device):
     """Two layers on one weight go into separate launches: both updates land, as one after the other,
     at every unload of a kept plan (on a GPU the third replays its graph, whose update launches are
@@ -520,6 +547,7 @@ CHECKS = [
     check_misaligned_weight_takes_the_torch_path,
     check_fused_unload_keeps_the_output,
     check_fused_reinit,
+    check_reinit_with_the_updates_gives_reinit_s_bits,
     check_tied_weights_are_updated_in_turn,
     check_plan_follows_new_storage,
     check_replaced_factor_is_held_until_the_next_unload,
