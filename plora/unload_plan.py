@@ -24,9 +24,10 @@ residual buffer, another momentum or merge precision).
 On one CUDA device the plan's launch sequences (the norms with the sampled statistics, or either
 alone, the grouped updates with the sums the unload reads, the fused re-init, which at momentum 1
 joins the updates' sequence where every re-init is a fused fill: ``reinit_with_updates``, each
-group's fills right after its own update) are captured as CUDA graphs at their second run and replayed from then on (``plora.cuda_graphs``): their tables stay
-where they are until a rebuild, which drops the graphs, and the per-unload seeds are written into
-one persistent device buffer per device. Launches of a sequence that are independent of each other
+group's fills right after its own update) are captured as CUDA graphs at their second run and
+replayed from then on (``plora.cuda_graphs``): their tables stay where they are until a rebuild,
+which drops the graphs, and the per-unload seeds are written into one persistent device buffer per
+device. Launches of a sequence that are independent of each other
 (the norms and the groups' statistics passes, their updates unless tied weights order them, the
 fills) are captured as parallel branches (``_branches``), so that they overlap when replayed.
 
