@@ -32,12 +32,13 @@ device. Launches of a sequence that are independent of each other
 fills) are captured as parallel branches (``_branches``), so that they overlap when replayed.
 
 Re-initialisation (momentum 1) on the fused path: the A factors of kaiming-initialised linear
-layers are drawn by ``plora.kernels.kaiming_fill_``, one launch per A shape, from a hash of
-(``reinit_seed(seed + 1, layer, unload_index)``, element index): uniform in +-1/sqrt(fan_in), the
-distribution of PEFT's ``kaiming_uniform_(A, a=sqrt(5))``, from a different stream than torch's
-generator (which the torch path keeps), and as deterministic: the same on every rank and on resume.
-Their B factors are zeroed by the same kernel's zero fill, one launch per size and dtype (any
-other B, and lora_bias, by one ``torch._foreach_zero_`` per device and dtype). Other layers
+layers are drawn by ``plora.kernels.kaiming_fill_``, one launch per update group and A shape,
+from a hash of (``reinit_seed(seed + 1, layer, unload_index)``, element index): uniform in
++-1/sqrt(fan_in), the distribution of PEFT's ``kaiming_uniform_(A, a=sqrt(5))``, from a
+different stream than torch's generator (which the torch path keeps), and as deterministic: the
+same on every rank and on resume. Their B factors are zeroed by the same kernel's zero fill, one
+launch per update group, size and dtype (any other B, and lora_bias, by one
+``torch._foreach_zero_`` per device and dtype). Other layers
 (embeddings, gaussian init, the torch path) are re-initialised per layer as before. Momentum < 1
 scales B (and lora_bias) of every layer by one ``torch._foreach_mul_`` per device and dtype.
 
@@ -320,12 +321,12 @@ class UnloadPlan:
         filled = {name for work in self._devices for fill in work.fills for name in fill.names}
         self._b_rest = _by_device_and_dtype((t, None) for work in self._devices for t in work.b_rest)
         self.torch_reinit = [layer for layer in self.layers if layer.name not in filled]
-        # every tensor an unload writes is written by a kernel that reads its device's gate: the
-        # finiteness check can then stay on the device (check_(on_device=True))
         # every re-init is a fused layer's fill, and no bias merge reads a lora_bias after the
         # updates: the re-init can then run inside the updates' launch sequence (update_fused_(reinit=True))
         self.reinit_with_updates = (any(work.fills for work in self._devices) and not self.torch_reinit
                                     and not self._b_rest and not self.bias_layers)
+        # every tensor an unload writes is written by a kernel that reads its device's gate: the
+        # finiteness check can then stay on the device (check_(on_device=True))
         self.device_checked = (len(self._devices) == 1 and momentum == 1.0 and not self.torch_work
                                and not self.bias_layers and not self.torch_reinit and not self._b_rest
                                and not self._finite)
