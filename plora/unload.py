@@ -245,7 +245,7 @@ def _read_ahead(sums: torch.Tensor | None):
 
 def _enqueue_unload(model, momentum, *, adapter_name, merge_precision, seed, unload_index, on_nonfinite, residuals,
                     landed_sample_rows, layers, plan, check_on_device=True
-                    ) -> tuple[UnloadStats, torch.Tensor | None, bool]:
+                    ) -> tuple[UnloadStats, torch.Tensor | tuple[torch.Tensor, torch.cuda.Event] | None, bool]:
     """``unload_`` up to its last host sync: every update enqueued, the statistics still on the device
     (so a benchmark can time the host's share alone).
 

@@ -245,24 +245,21 @@ class UnloadPlan:
         refresh rebuilds."""
         if self._key is None or not self._devices or self._key[0] != weights:
             return False
-        sample_rows = None if stats_for is None else stats_for[2]
-        if sample_rows is not None and not self._stats_passes(sample_rows):
-            sample_rows = None  # no group has a pass of its own (small layers): the norms alone
-        seed_tables = self._seed_keys(*stats_for[:2]) if sample_rows is not None else None
+        if stats_for is None or not self._stats_passes(stats_for[2]):
+            self.update_norms_()  # no statistics pass to launch (small layers): the norms alone
+        else:
+            seed, unload_index, sample_rows = stats_for
+            seed_tables = self._seed_keys(seed, unload_index)  # before any capture, as in update_fused_
 
-        def launch_all():
-            for i, work in enumerate(self._devices):
-                with _on(work.device):
-                    work.gate.fill_(1)  # the gate every writing kernel of the unload reads (update_norms_)
-                    if sample_rows is None:
-                        _norms(work)
-                        continue
-                    work.stats.zero_()
-                    _branches([functools.partial(_norms, work, zero_sums=False)]
-                              + _group_launches(work, seed_tables[i][0], sample_rows, "stats", {}), work.device)
+            def launch_all():
+                for work, (work_tables, _) in zip(self._devices, seed_tables):
+                    with _on(work.device):
+                        work.stats.zero_()
+                        _branches([functools.partial(_norms, work, zero_sums=False)]
+                                  + _group_launches(work, work_tables, sample_rows, "stats", {}), work.device)
 
-        self._launches(("ahead", sample_rows), launch_all, {})
-        self._stats_for = stats_for  # (the norms have reset the sums: none launched, none to add)
+            self._launches(("ahead", sample_rows), launch_all, {})
+        self._stats_for = stats_for  # (without statistics passes the norms have reset the sums: none to add)
         return True
 
     def _weights_signature(self, merge_precision, momentum, residuals) -> tuple:
@@ -427,8 +424,6 @@ class UnloadPlan:
         def launch_all():
             for work in self._devices:
                 with _on(work.device):
-                    # the gate every writing kernel of the unload reads: open unless a norm is not finite
-                    work.gate.fill_(1)
                     _norms(work, **launch)
 
         self._launches("norms", launch_all, launch)
@@ -476,6 +471,9 @@ class UnloadPlan:
         the adapters in the same launch sequence, as ``reinit_`` would: each group's fills follow its
         own update, beside the other groups' updates, instead of all of them after the last one.
         """
+        if reinit and not self.reinit_with_updates:
+            raise ValueError("update_fused_(reinit=True) needs a plan whose every re-init is a fused fill "
+                             "(reinit_with_updates)")
         if not self._devices:
             return []
         if norms and launch.get("has_stats", True):
@@ -484,10 +482,6 @@ class UnloadPlan:
             self.sample_stats_(seed, unload_index, sample_rows, **launch)
         self._stats_for = None  # the update passes add to the same sums
         seed_tables = self._seed_keys(seed, unload_index)  # before any capture: new values, fixed addresses
-
-        if reinit and not self.reinit_with_updates:
-            raise ValueError("update_fused_(reinit=True) needs a plan whose every re-init is a fused fill "
-                             "(reinit_with_updates)")
 
         def launch_all():
             out = []
@@ -606,9 +600,12 @@ def _group_launches(work: _DeviceWork, seed_tables: list[torch.Tensor], sample_r
 
 
 def _norms(work: _DeviceWork, **launch) -> None:
-    """Launch the norms of every fused layer of one device into its stats table (``update_norms_``)."""
+    """Launch the norms of every fused layer of one device into its stats table (``update_norms_``),
+    the device's gate opened first: every writing kernel of the unload reads it, and the norm
+    kernels close it where a norm is not finite."""
     from plora import kernels
 
+    work.gate.fill_(1)
     for norms in work.norms:
         kernels.update_norms_(norms, work.stats, gate=work.gate, **launch)
 
