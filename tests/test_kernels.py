@@ -261,7 +261,8 @@ def check_grouped_update(device):
                 want_s = torch.stack([(landed * d)[sampled].sum(), (d * d)[sampled].sum()])
                 assert torch.allclose(stats[i, 1:].cpu(), want_s, rtol=2e-3, atol=1e-7), (mode, m, n, i, stats[i])
                 assert stats[i, 2].item() < 0.9 * (d * d).sum().item()  # a sample, not every row
-            # the same as the statistics pass and the update pass called apart (UnloadPlan.sample_stats_)
+            # the same as the statistics pass and the update pass called apart (UnloadPlan.launch_ahead_,
+            # sample_stats_)
             split_w, split_r, split_stats = _run_grouped(*case, sample_rows=1, tile=(16, 32, 2), split=True)
             assert all(torch.equal(a, b) for a, b in zip(split_w, got_w)), (mode, m, n)
             assert all(a is None or torch.equal(a, b) for a, b in zip(split_r, got_r)), (mode, m, n)
@@ -410,7 +411,8 @@ def check_gates(device):
         g, stats = gate(start), torch.zeros(1, 3, device=device)
         update_norms_(norm_table([factors], [1.0], [0]), stats, gate=g)
         assert g.item() == want, (start, want)
-    assert stats[0, 0].item() == math.inf  # (the last case's norm: infinite, not NaN)
+        if factors is big:
+            assert stats[0, 0].item() == math.inf  # infinite, not NaN
 
 
 CHECKS = [check_direct, check_compensated, check_stochastic, check_stats, check_grouped_update, check_update_norms,
