@@ -26,18 +26,19 @@ layer. Timed, each as the median of several repetitions after a warm-up, in one 
 - ``plora <mode>, GPU work only``: the same unload's launch sequences replayed back to back without
   any of its host work (pointer checks, seeds, the statistics read; ``gpu_work_only``): the floor
   of its bandwidth share, what it would reach if its host cost nothing (GPU only).
-- ``plora <mode>, behind queued GPU work``: the same unload enqueued behind a few ms of matmuls,
-  as a training loop enqueues it behind the optimizer step (the host runs ahead of the GPU),
-  timed by CUDA events from the end of the matmuls to the end of the unload's work: its cost on
-  the GPU's timeline in training, its host work hidden where the queue outlasts it (GPU only).
+- ``plora <mode>, behind queued GPU work``: the same unload, up to its final read of the
+  statistics (``_enqueue_unload``), enqueued behind a few ms of matmuls, as a training loop
+  enqueues it behind the optimizer step (the host runs ahead of the GPU), timed by CUDA events
+  from the end of the matmuls to the end of the unload's work: its cost on the GPU's timeline in
+  training, its host work hidden where the queue outlasts it (GPU only).
 - ``plora <mode>, no CUDA graphs``: the same unload with its launch sequences launched one by one
   instead of replayed as CUDA graphs (``plora.cuda_graphs``; GPU only).
 - ``plora <mode>, torch path``: the unload with the Triton kernels switched off (GPU only).
 - ``naive merge``: what axolotl's ReLoRA does per layer, ``W += B @ A * scaling`` then A
   re-initialised (kaiming) and B zeroed.
 - under each table, ``optimizer reset``: the reset of an AdamW state of the adapter by one kept
-  ``plora.optim.AdapterStateReset`` (what ``PeriodicUnloader`` runs after each unload; the runs recorded up to
-  2026-11-29 timed ``reset_adapter_state``, which walks the state anew), synchronised and host only.
+  ``plora.optim.AdapterStateReset`` (what ``PeriodicUnloader`` runs after each unload; the runs recorded before
+  ``82e2190`` timed ``reset_adapter_state``, which walks the state anew), synchronised and host only.
 
 Bytes that must move per weight element: 4 (W read + written) for direct and stochastic, 8 for
 compensated (the bf16 residual read + written too). Effective bandwidth = those bytes / time.
@@ -212,14 +213,17 @@ class Clock:
         return statistics.median(times)
 
 
-def behind_queued_work(fn, device, prepare=None, reps=5, warmup=1):
-    """(median seconds, every run's seconds) of ``fn``'s GPU work when its host enqueues it behind
+def behind_queued_work(enqueue, device, prepare, reps, warmup):
+    """(median seconds, every run's seconds) of an unload's GPU work when its host enqueues it behind
     queued GPU work, as a training loop does (the host runs ahead of the optimizer step it has just
     launched, so an unload's host work overlaps that step's tail): a few ms of matmuls first, then
-    ``fn``, timed by CUDA events from the end of the matmuls to the end of everything ``fn``
-    launched (its re-init included). CUDA only. Where the unload's host work outlasts nothing, this
-    is its GPU time; its own host sync still drains the queue, so the next step's launches start
-    from an empty GPU (the training-step benchmark measures that)."""
+    ``enqueue`` (``_enqueue_unload``: the whole unload but its final read of the statistics),
+    timed by CUDA events from the end of the matmuls to the end of everything it launched (its
+    re-init included). CUDA only. Where the unload's host work outlasts nothing, this is its GPU
+    time. (In training ``unload_`` then reads its statistics, which empties the queue: the next
+    step's launches start from an idle GPU; the training-step benchmark measures that. Up to
+    ``3fd7617``'s runs this row timed ``unload_`` itself, the end event recorded after that read
+    and the host's work after it.)"""
     a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
@@ -230,7 +234,7 @@ def behind_queued_work(fn, device, prepare=None, reps=5, warmup=1):
         for _ in range(3):  # about 4 ms on an H200: more than the host takes to enqueue an unload
             a @ a
         start.record()
-        fn()
+        enqueue()
         end.record()
         end.synchronize()
         if i >= warmup:
@@ -397,7 +401,7 @@ def bench_model(shape, device, args, clock, copy_bps):
         if fused:
             import plora.kernels as kernels
 
-            s, each = behind_queued_work(unload, device, prepare, args.reps, args.warmup)
+            s, each = behind_queued_work(enqueue, device, prepare, args.reps, args.warmup)
             row(f"plora {mode}, behind queued GPU work (as in training; CUDA events)", mode, s, None,
                 reference=naive_s, probe=True, each=each)
             if plan.device_checked:  # its check is on the device: the replays are all it launches

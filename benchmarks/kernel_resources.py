@@ -32,6 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from plora.kernels import _MODE_ID as MODES  # noqa: E402  (the kernels' MODE constant per mode)
+
 SM90_REGISTERS = 65536
 SM90_SHARED = 228 * 1024
 SM90_MAX_WARPS = 64
@@ -49,7 +51,6 @@ SINGLE = {"W": "*bf16", "RES": "*bf16", "L": "*fp32", "R": "*fp32", "STATS": "*f
           "HAS_RES": "constexpr", "HAS_STATS": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
           "BLOCK_K": "constexpr"}
 SINGLE_ALIGNED = ["W", "RES", "L", "R", "STATS", "M", "N", "stride_wm", "stride_lm", "stride_rk"]
-from plora.kernels import _MODE_ID as MODES  # noqa: E402  (the kernels' MODE constant per mode)
 # plora.kernels_gluon.update_pipelined's runtime arguments (its constexprs: kernels_gluon.constants)
 PIPELINED = {"PTRS": "*i64", "ALPHAS": "*fp32", "KEYS": "*i64", "G": "i32", "M": "i32", "N": "i32", "K": "i32",
              "stride_lm": "i32", "stride_lk": "i32", "stride_rk": "i32", "stride_rn": "i32", "row_tiles": "i32",

@@ -43,7 +43,9 @@ from plora.layers import adapted_layers  # noqa: E402
 from plora.unload import unload_  # noqa: E402
 from plora.unload_plan import UnloadPlan  # noqa: E402
 
-PHASES = {"launch_ahead_": "norms and statistics launched ahead", "sample_stats_": "sampled statistics",
+# (a phase called from within another, as the weights' pointers from a rebuilding refresh, counts
+# toward the outer one only: wrapped_phases times the outermost call)
+PHASES = {"_weights_signature": "weights' pointers", "launch_ahead_": "norms and statistics launched ahead",
           "refresh": "refresh",
           "nonfinite": "finiteness check",
           "update_fused_": "grouped updates", "reinit_": "re-init", "scale_b_": "scale B",
@@ -54,13 +56,21 @@ GPU_WORK = ("kernel", "gpu_memcpy", "gpu_memset")  # what occupies the GPU in a 
 @contextmanager
 def wrapped_phases(plan: UnloadPlan, around):
     """Run each of the plan's phase methods inside ``around(label)`` (a context manager), for this
-    block only."""
+    block only; a phase method called from within another runs unwrapped, so that no time is
+    counted twice."""
+    depth = [0]
     for method, label in PHASES.items():
         original = getattr(plan, method)
 
         def wrapped(*args, _original=original, _label=label, **kwargs):
-            with around(_label):
+            if depth[0]:
                 return _original(*args, **kwargs)
+            depth[0] += 1
+            try:
+                with around(_label):
+                    return _original(*args, **kwargs)
+            finally:
+                depth[0] -= 1
 
         setattr(plan, method, wrapped)
     try:
