@@ -202,7 +202,7 @@ def unload_(
                 on_nonfinite=on_nonfinite, residuals=residuals, landed_sample_rows=landed_sample_rows,
                 layers=layers, plan=plan)
     stats, sums, on_device = _enqueue_unload(model, momentum, **args)
-    norm2, dot, den, opened = _results(sums)  # the one sync, after the updates (the re-init may still run)
+    norm2, dot, den, opened = _results(sums)  # the one sync, after the updates' launch sequence
     if not opened and on_device:  # an adapter is not finite and nothing was written: find it on the host
         stats, sums, _ = _enqueue_unload(model, momentum, **args, check_on_device=False)
         norm2, dot, den, opened = _results(sums)
@@ -230,9 +230,11 @@ def _results(sums) -> tuple[float, float, float, bool]:
 
 def _read_ahead(sums: torch.Tensor | None):
     """``sums`` copied to pinned host memory as soon as the updates have written it, with the event
-    that says it has arrived: ``_results`` then waits for the updates only, while the re-init
-    launched after them still runs (its kernels are stream-ordered before whatever the caller
-    launches next). Anything not on a CUDA device is returned as it is."""
+    that says it has arrived: ``_results`` then waits for the updates' launch sequence only (which
+    holds the re-init where the plan runs it there, ``reinit_with_updates``), while what is
+    launched after it still runs: B's scaling at momentum < 1, the bias merges, a re-init of its
+    own (stream-ordered before whatever the caller launches next). Anything not on a CUDA device is
+    returned as it is."""
     if sums is None or sums.device.type != "cuda":
         return sums
     with torch.cuda.device(sums.device):
