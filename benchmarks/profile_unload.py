@@ -3,10 +3,9 @@
 ``bench_unload.py`` measures the whole unload and its update kernels; the difference (about 1 ms
 on the 7B shape; docs/results/performance.md) is what this script takes apart. It unloads the Llama-shaped linear layers of
 ``bench_unload`` a few times with a kept ``UnloadPlan`` (as ``PeriodicUnloader`` does), profiles the
-last unloads with each phase of ``plora.unload._enqueue_unload`` marked (the update norms and the
-sampled statistics launched side by side once the weights are checked, ahead of the plan's
-refresh; the statistics launched on their own after a rebuild; the refresh, the finiteness check
-with its host sync (where the plan checks on the host: a device-checked plan leaves it to the
+last unloads with each phase of ``plora.unload._enqueue_unload`` marked (the weights' pointers;
+the update norms and the sampled statistics launched side by side once the weights are checked,
+ahead of the plan's refresh; the refresh, the finiteness check with its host sync (where the plan checks on the host: a device-checked plan leaves it to the
 kernels' gate), the grouped updates (with the re-init, where the plan runs it there), the re-init
 otherwise, the next unload's seeds; the rest is the torch-path layers and the final statistics
 sync),
