@@ -277,10 +277,9 @@ def launched_one_by_one(fn):
 
 
 def gpu_work_only(plan, sample_rows=64):
-    """The unload's GPU work with none of its host work: a kept plan's launch sequences (the cheap
-    check that sets the gate beside the sampled statistics where a group has a pass of its own, the
-    grouped updates with the exact norms beside them and the re-init, in one sequence where the
-    plan allows it),
+    """The unload's GPU work with none of its host work: a kept plan's launch sequences (the norms
+    that set the gate beside the sampled statistics where a group has a pass of its own, the grouped
+    updates with the re-init, in one sequence where the plan allows it),
     replayed back to back as ``unload_`` launches them once the plan is checked, without the
     pointer checks, the seed hashing and the statistics read. What the unload would take if its
     host cost nothing: the floor its bandwidth share can reach (GPU only; the plan must have run
@@ -288,7 +287,7 @@ def gpu_work_only(plan, sample_rows=64):
     made once)."""
 
     def run():
-        plan.launch_ahead_(plan._key[0], (0, 0, sample_rows), exact=False)  # as a device-checked unload
+        plan.launch_ahead_(plan._key[0], (0, 0, sample_rows))
         plan.update_fused_(0, 0, sample_rows, norms=False, reinit=plan.reinit_with_updates)
         if not plan.reinit_with_updates:
             plan.reinit_(0, 0)

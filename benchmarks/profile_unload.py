@@ -44,7 +44,7 @@ from plora.unload_plan import UnloadPlan  # noqa: E402
 
 # (a phase called from within another, as the weights' pointers from a rebuilding refresh, counts
 # toward the outer one only: wrapped_phases times the outermost call)
-PHASES = {"_weights_signature": "weights' pointers", "launch_ahead_": "gate and statistics launched ahead",
+PHASES = {"_weights_signature": "weights' pointers", "launch_ahead_": "norms and statistics launched ahead",
           "refresh": "refresh",
           "nonfinite": "finiteness check",
           "update_fused_": "grouped updates", "reinit_": "re-init", "scale_b_": "scale B",

@@ -340,59 +340,6 @@ if triton is not None:
             tl.store(STATS + 3 * row + 2, 0.0)
 
     @triton.jit
-    def factor_sq_norms(
-        TABLE,  # int64 (NORM_TABLE_ROWS, G) of a NormTable
-        OUT,  # fp32 (G, 2), zeroed: ||L||_F^2 and ||R||_F^2 per layer, accumulated
-        FACTOR_DTYPE: tl.constexpr, CHUNK: tl.constexpr, KP2: tl.constexpr,  # KP2: the rank's power of 2
-    ):
-        # Program (g, s) squares and sums L's rows s*CHUNK, (s+S)*CHUNK, ... and R's columns alike:
-        # one read of the factors, no products (the cheap gate of ``factor_gate_``).
-        g = tl.program_id(0)
-        s = tl.program_id(1)
-        G = tl.num_programs(0)
-        S = tl.num_programs(1)
-        L = tl.load(TABLE + g).to(tl.pointer_type(FACTOR_DTYPE))
-        R = tl.load(TABLE + G + g).to(tl.pointer_type(FACTOR_DTYPE))
-        M = tl.load(TABLE + 2 * G + g).to(tl.int32)
-        N = tl.load(TABLE + 3 * G + g).to(tl.int32)
-        K = tl.load(TABLE + 4 * G + g).to(tl.int32)
-        stride_lm = tl.load(TABLE + 5 * G + g)
-        stride_lk = tl.load(TABLE + 6 * G + g)
-        stride_rk = tl.load(TABLE + 7 * G + g)
-        stride_rn = tl.load(TABLE + 8 * G + g)
-        k = tl.arange(0, KP2)
-        acc_l = tl.zeros((CHUNK, KP2), dtype=tl.float32)
-        for i0 in range(s * CHUNK, M, S * CHUNK):
-            i = (i0 + tl.arange(0, CHUNK)).to(tl.int64)
-            x = tl.load(L + i[:, None] * stride_lm + k[None, :] * stride_lk,
-                        mask=(i < M)[:, None] & (k < K)[None, :], other=0.0).to(tl.float32)
-            acc_l += x * x
-        acc_r = tl.zeros((CHUNK, KP2), dtype=tl.float32)
-        for j0 in range(s * CHUNK, N, S * CHUNK):
-            j = (j0 + tl.arange(0, CHUNK)).to(tl.int64)
-            y = tl.load(R + j[:, None] * stride_rn + k[None, :] * stride_rk,
-                        mask=(j < N)[:, None] & (k < K)[None, :], other=0.0).to(tl.float32)
-            acc_r += y * y
-        tl.atomic_add(OUT + 2 * g, tl.sum(tl.sum(acc_l, 1), 0), sem="relaxed")
-        tl.atomic_add(OUT + 2 * g + 1, tl.sum(tl.sum(acc_r, 1), 0), sem="relaxed")
-
-    @triton.jit
-    def bound_gate(
-        OUT,  # fp32 (G, 2) from factor_sq_norms
-        ALPHAS,  # fp32 (G,)
-        GATE,  # uint8 (1,): set to 0 unless every alpha^2 ||L||^2 ||R||^2 is at most LIMIT (never set to 1)
-        G, LIMIT: tl.constexpr, BLOCK: tl.constexpr,
-    ):
-        bad = 0
-        for g0 in range(0, G, BLOCK):
-            g = g0 + tl.arange(0, BLOCK)
-            m = g < G
-            a = tl.load(ALPHAS + g, mask=m, other=0.0)
-            bound = a * a * tl.load(OUT + 2 * g, mask=m, other=0.0) * tl.load(OUT + 2 * g + 1, mask=m, other=0.0)
-            bad += tl.sum((m & ~(bound <= LIMIT)).to(tl.int32), 0)  # NaN compares false: bad
-        tl.store(GATE, tl.full([], 0, tl.uint8), mask=bad > 0)
-
-    @triton.jit
     def kaiming_fill(
         PTRS,  # int64 (G,): data pointers of the (contiguous) tensors to fill, numel elements each
         KEYS,  # int64 (G,): seed per tensor
@@ -745,33 +692,6 @@ def update_norms_(norms: NormTable, stats: torch.Tensor, *, gate: torch.Tensor |
                               num_stages=stages)
     gram_norms[(G,)](grams, norms.table, norms.alphas, stats, KPAD=norms.kpad, BLOCK=1024, num_warps=4,
                      GATE=gate if gate is not None else stats, GATED=gate is not None, ZERO_SUMS=zero_sums)
-
-
-# the cheap gate's bound on ||alpha L R||_F^2: 2^126, a quarter of fp32's largest value, so that an
-# update it lets through has a finite exact norm (the Gram path's rounding included) and finite elements
-GATE_LIMIT = 2.0 ** 126
-
-
-def factor_gate_(norms: NormTable, gate: torch.Tensor, *, programs: int = 2048, chunk: int = 64,
-                 warps: int = 4) -> None:
-    """Close ``gate`` (uint8 (1,), set to 0) unless every layer of ``norms`` has
-    ``alpha^2 ||L||_F^2 ||R||_F^2 <= GATE_LIMIT``: two launches, one read of the factors.
-
-    A cheap stand-in for the exact norms' gate (``update_norms_``) in front of the updates: it is
-    closed wherever that one is (a NaN or Inf in a factor makes a sum non-finite; the bound is at
-    least ``||alpha L R||_F^2``), and also, on absurdly large factors, where that one is open:
-    the unload then checks on the host, with the exact norms, as it does for a closed gate. So the
-    exact norms, latency-bound Gram products (57 µs on a 1B-shaped model on an H200, against about
-    10 µs for this), can run beside the updates instead of in front of them
-    (``UnloadPlan.launch_ahead_(exact=False)``). ``programs``, ``chunk``, ``warps``: for the benchmark.
-    """
-    G = norms.table.shape[1]
-    slices = max(1, min(_cdiv(norms.longest, chunk), _cdiv(programs, G)))
-    sums = torch.zeros(G, 2, dtype=torch.float32, device=gate.device)
-    kp2 = 1 << max(0, (norms.kpad - 1).bit_length())
-    factor_sq_norms[(G, slices)](norms.table, sums, FACTOR_DTYPE=_TL_DTYPE[norms.factor_dtype], CHUNK=chunk, KP2=kp2,
-                                 num_warps=warps)
-    bound_gate[(1,)](sums, norms.alphas, gate, G, LIMIT=GATE_LIMIT, BLOCK=256, num_warps=4)
 
 
 def kaiming_fill_(ptrs: torch.Tensor, keys: torch.Tensor | None, numel: int, bound: float, dtype: torch.dtype,

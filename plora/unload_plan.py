@@ -180,7 +180,6 @@ class UnloadPlan:
         self._held: list[torch.Tensor] = []  # the fused factors' storages, kept while the tables point there
         self._keys = None
         self._stats_for = None  # (seed, unload_index, sample_rows) of the statistics passes last launched
-        self._norms_deferred = False  # launch_ahead_(exact=False) left the exact norms to update_fused_
         self._seed_prefixes: dict = {}  # (seed, layer name) -> its hash state (reinit_seeds)
         self._graphs = GraphCache()  # the launch sequences of this plan's tables, as CUDA graphs
         self.device_checked = False  # set by refresh
@@ -221,8 +220,7 @@ class UnloadPlan:
         After a check that found a non-finite adapter, the next one runs on the host (an adapter
         left non-finite under ``on_nonfinite='skip'`` would otherwise cost two passes each time)."""
         weights = self._weights_signature(merge_precision, momentum, residuals)
-        device_check = on_device and self.device_checked and not self.host_check_next
-        ahead = self.launch_ahead_(weights, stats_for, exact=not device_check)
+        ahead = self.launch_ahead_(weights, stats_for)
         if self.refresh(merge_precision, momentum, residuals, weights) or not ahead:
             self.update_norms_()
         if on_device and self.device_checked and not self.host_check_next:
@@ -231,8 +229,7 @@ class UnloadPlan:
         self.host_check_next = bool(bad)
         return bad
 
-    def launch_ahead_(self, weights: tuple, stats_for: tuple[int, int, int] | None = None,
-                      exact: bool = True) -> bool:
+    def launch_ahead_(self, weights: tuple, stats_for: tuple[int, int, int] | None = None) -> bool:
         """Launch the norms (``update_norms_``) and, with ``stats_for`` = (seed, unload_index,
         sample_rows), the sampled statistics (``sample_stats_``) before the ``refresh`` that must
         follow, if the plan is built (with fused layers) for these ``weights`` (what
@@ -245,35 +242,24 @@ class UnloadPlan:
         beyond it, unless one was replaced since the last refresh, which then rebuilds and lets
         go); the statistics read the weights and residuals just checked. Both write only the
         plan's own tables. Returns whether it launched; what it launched stands unless that
-        refresh rebuilds.
-
-        ``exact=False`` (the unload of a ``device_checked`` plan, whose check stays on the device)
-        launches the cheap gate (``kernels.factor_gate_``: one read of the factors, no products)
-        instead of the exact norms, which ``update_fused_`` then runs beside the updates, each
-        group's re-init after them (the norms read the factors it overwrites): the GPU's work in
-        front of the updates is then the statistics passes' alone. A gate the cheap check closes
-        sends the unload to the host check, with the exact norms, as a non-finite norm does."""
+        refresh rebuilds."""
         if self._key is None or not self._devices or self._key[0] != weights:
             return False
-        passes = stats_for is not None and self._stats_passes(stats_for[2])
-        if exact and not passes:
+        if stats_for is None or not self._stats_passes(stats_for[2]):
             self.update_norms_()  # no statistics pass to launch (small layers): the norms alone
         else:
-            sample_rows = stats_for[2] if passes else None
-            seed_tables = self._seed_keys(*stats_for[:2]) if passes else [([], [])] * len(self._devices)
+            seed, unload_index, sample_rows = stats_for
+            seed_tables = self._seed_keys(seed, unload_index)  # before any capture, as in update_fused_
 
             def launch_all():
                 for work, (work_tables, _) in zip(self._devices, seed_tables):
                     with _on(work.device):
                         work.stats.zero_()
-                        first = functools.partial(_norms, work, zero_sums=False) if exact else functools.partial(
-                            _gate, work)
-                        stats = _group_launches(work, work_tables, sample_rows, "stats", {}) if passes else []
-                        _branches([first] + stats, work.device)
+                        _branches([functools.partial(_norms, work, zero_sums=False)]
+                                  + _group_launches(work, work_tables, sample_rows, "stats", {}), work.device)
 
-            self._launches(("ahead", sample_rows, exact), launch_all, {})
-        self._norms_deferred = not exact
-        self._stats_for = stats_for  # (without statistics passes the sums start from the zeros above: none to add)
+            self._launches(("ahead", sample_rows), launch_all, {})
+        self._stats_for = stats_for  # (without statistics passes the norms have reset the sums: none to add)
         return True
 
     def _weights_signature(self, merge_precision, momentum, residuals) -> tuple:
@@ -290,7 +276,6 @@ class UnloadPlan:
     def _build(self, merge_precision: str, momentum: float, residuals: dict | None) -> None:
         self._keys = None  # the seed tables of _seed_keys, made for the groups built here
         self._stats_for = None
-        self._norms_deferred = False
         self._passes = {}  # sample_rows -> whether a group has a statistics pass (_stats_passes)
         self._graphs.clear()  # captured with the old tables (waits for the graphs launched)
         self._held = []  # (eager launches still reading them precede any reuse of their memory: one stream)
@@ -435,7 +420,6 @@ class UnloadPlan:
         if not self._devices:
             return
         self._stats_for = None  # the zeros below reset what statistics launched before had summed
-        self._norms_deferred = False
 
         def launch_all():
             for work in self._devices:
@@ -492,40 +476,32 @@ class UnloadPlan:
                              "(reinit_with_updates)")
         if not self._devices:
             return []
-        if (norms and launch.get("has_stats", True)) or (self._norms_deferred and launch):
-            self.update_norms_()  # (the benchmark's launch options run the norms in front, as before)
+        if norms and launch.get("has_stats", True):
+            self.update_norms_()
         if self._stats_for != (seed, unload_index, sample_rows) or launch:
             self.sample_stats_(seed, unload_index, sample_rows, **launch)
         self._stats_for = None  # the update passes add to the same sums
-        deferred, self._norms_deferred = self._norms_deferred, False
         seed_tables = self._seed_keys(seed, unload_index)  # before any capture: new values, fixed addresses
 
         def launch_all():
             out = []
             for work, (work_tables, fill_tables) in zip(self._devices, seed_tables):
                 with _on(work.device):
-                    # the exact norms left by launch_ahead_(exact=False): beside the updates, without
-                    # the gate (the cheap one has set it), ahead of every re-init (which they read)
-                    after_norms, join_norms = _beside(
-                        functools.partial(_norms, work, zero_sums=False, gated=False) if deferred else None,
-                        work.device)
                     updates = _group_launches(work, work_tables, sample_rows, "update", launch)
                     if reinit and not work.tied:  # a group's fills read nothing another group writes
-                        updates = [_in_turn([update, after_norms, *_fill_launches(work, fill_tables, group)])
+                        updates = [_in_turn([update, *_fill_launches(work, fill_tables, group)])
                                    for group, update in enumerate(updates)]
                     # groups update other weights (other rows of the stats table) unless tied
                     _branches(updates, work.device, parallel=not work.tied)
                     if reinit and work.tied:
-                        after_norms()
                         _branches(_fill_launches(work, fill_tables), work.device)
-                    join_norms()
                     # the unload's one read: the sums and the gate together (no launch after the graph)
                     torch.sum(work.stats, 0, dtype=torch.float64, out=work.result[:3])
                     torch.logical_not(work.gate, out=work.result[3:])
                     out.append(work.result)
             return out
 
-        return self._launches(("updates", sample_rows, reinit, deferred), launch_all, launch)
+        return self._launches(("updates", sample_rows, reinit), launch_all, launch)
 
     def _stats_passes(self, sample_rows: int) -> bool:
         """Whether some group has a statistics pass of its own at ``sample_rows`` (kept per build)."""
@@ -623,45 +599,15 @@ def _group_launches(work: _DeviceWork, seed_tables: list[torch.Tensor], sample_r
             for g in work.updates]
 
 
-def _norms(work: _DeviceWork, gated: bool = True, **launch) -> None:
+def _norms(work: _DeviceWork, **launch) -> None:
     """Launch the norms of every fused layer of one device into its stats table (``update_norms_``),
     the device's gate opened first: every writing kernel of the unload reads it, and the norm
-    kernels close it where a norm is not finite. ``gated=False``: the norms alone, the gate left
-    to the cheap check (``_gate``) that ran in front of the updates these norms run beside."""
-    from plora import kernels
-
-    if gated:
-        work.gate.fill_(1)
-    for norms in work.norms:
-        kernels.update_norms_(norms, work.stats, gate=work.gate if gated else None, **launch)
-
-
-def _gate(work: _DeviceWork) -> None:
-    """Open one device's gate and launch the cheap check that closes it (``kernels.factor_gate_``)."""
+    kernels close it where a norm is not finite."""
     from plora import kernels
 
     work.gate.fill_(1)
     for norms in work.norms:
-        kernels.factor_gate_(norms, work.gate)
-
-
-def _beside(launch, device: torch.device):
-    """Launch ``launch`` (a function launching GPU work; None: nothing) as a branch of its own while a
-    CUDA graph is being captured, else right away; returns (wait, join): ``wait()`` makes the
-    current stream wait for it (a branch of ``_branches`` calls it before what must follow it),
-    ``join()`` joins it back into the capturing stream."""
-    if launch is None or device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
-        if launch is not None:
-            launch()
-        return (lambda: None), (lambda: None)
-    main = torch.cuda.current_stream()
-    side = torch.cuda.Stream(main.device)
-    side.wait_stream(main)
-    with torch.cuda.stream(side):
-        launch()
-    done = torch.cuda.Event()
-    done.record(side)
-    return (lambda: torch.cuda.current_stream().wait_event(done)), (lambda: main.wait_stream(side))
+        kernels.update_norms_(norms, work.stats, gate=work.gate, **launch)
 
 
 def _fill_launches(work: _DeviceWork, fill_tables: list[torch.Tensor], group: int | None = None) -> list:

@@ -431,7 +431,7 @@ def check_cached_plan_gives_the_throwaway_plans_result(device):
             if cached:
                 real_build, real_ahead, real_stats = plan._build, plan.launch_ahead_, plan.sample_stats_
                 plan._build = lambda *a: builds.append(1) or real_build(*a)
-                plan.launch_ahead_ = lambda *a, **k: ahead.append(real_ahead(*a, **k)) or ahead[-1]
+                plan.launch_ahead_ = lambda *a: ahead.append(real_ahead(*a)) or ahead[-1]
                 plan.sample_stats_ = lambda *a: early.append(len(ahead)) or real_stats(*a)
             residuals, got = {}, []
             for i, (index, momentum, new_storage) in enumerate(steps):
@@ -512,41 +512,6 @@ def check_nonfinite_caught_by_a_kept_plan(device):
                     assert not torch.equal(w0[layer.name], layer.weight) and not B.any(), (precision, layer.name)
 
 
-def check_cheap_gate_defers_to_the_exact_norms(device):
-    """A kept plan checks its unloads on the device by a cheap gate, with the exact norms run beside
-    the updates: its unloads give the throw-away plan's bits and norms (each group's re-init after
-    the norms it reads). Where only the cheap gate closes (an update of finite, here zero, exact
-    norm whose bound overflows fp32), the unload goes to the host check, which merges it, as the
-    throw-away plan's exact check does."""
-    for precision in ("direct", "stochastic"):
-        results, norms = [], []
-        for kept in (True, False):
-            model = stack_peft(device)
-            plan = UnloadPlan(adapted_layers(model)) if kept else None
-            host_checks = []
-            if kept:
-                real_nonfinite = plan.nonfinite
-                plan.nonfinite = lambda *a, **k: host_checks.append(1) or real_nonfinite(*a, **k)
-            got = []
-            for i in range(5):
-                randomise_adapters_(model, seed=i, scale=0.1)
-                if i == 3:  # orthogonal factors, the update exactly zero, the bound past fp32
-                    layer = adapted_layers(model)[2]
-                    B, A = layer.b_tensors()[0], layer.adapter_tensors()[0]
-                    with torch.no_grad():
-                        B.zero_()
-                        A.zero_()
-                        B[3, 0], A[1, 5] = 1e10, 1e10
-                stats = plora.unload_(model, 1.0, plan=plan, unload_index=i, merge_precision=precision)
-                got.append(stats.update_norm)
-            if kept:
-                assert plan.device_checked and host_checks == [1], (precision, host_checks)
-            results.append([t.clone() for t in model.state_dict().values()])
-            norms.append(got)
-        assert all(torch.equal(a, b) for a, b in zip(*results)), precision
-        assert norms[0] == pytest.approx(norms[1], rel=1e-6), (precision, norms)
-
-
 def check_refused_unload_touches_nothing_on_every_path(device):
     """A plan that cannot leave the check to the device (momentum < 1, gaussian init, a B the zero
     fill cannot write) checks on the host before any write: a refused unload touches nothing. And
@@ -605,7 +570,6 @@ CHECKS = [
     check_nonfinite_on_wide_layers_touches_nothing,
     check_cached_plan_gives_the_throwaway_plans_result,
     check_nonfinite_caught_by_a_kept_plan,
-    check_cheap_gate_defers_to_the_exact_norms,
     check_refused_unload_touches_nothing_on_every_path,
 ]
 
