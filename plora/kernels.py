@@ -656,7 +656,7 @@ def norm_table(factors: list[tuple[torch.Tensor, torch.Tensor]], alphas: list[fl
 
 
 def update_norms_(norms: NormTable, stats: torch.Tensor, *, gate: torch.Tensor | None = None,
-                  slices: int | None = None, programs: int = 4096, chunk: int = 32, warps: int = 2,
+                  slices: int | None = None, programs: int = 8192, chunk: int = 16, warps: int = 1,
                   precision: str = "tf32x3", stages: int = 1, zero_sums: bool = True) -> None:
     """``stats[row_g] = [||alpha_g * L_g @ R_g||_F^2, 0, 0]`` for every layer of ``norms``: two launches.
 
@@ -674,11 +674,16 @@ def update_norms_(norms: NormTable, stats: torch.Tensor, *, gate: torch.Tensor |
     as it is: the caller sets it to 1 before the norms of its layers (``UnloadPlan``'s device check).
 
     The products run on the tensor cores in three tf32 passes (``tf32x3``: about fp32's accuracy;
-    a NaN or Inf still makes the norm non-finite), 32 rows per step, 2 warps, no software
-    pipelining (which took the kernel to 255 registers and spills for sm_90). On an H200 this took
-    the norms of a 7B-shaped model from 0.45 ms (fp32 products on the CUDA cores, 16 rows per step,
-    4 warps, pipelined; larger steps there were slower) to 0.21 ms, 0.17 to 0.10 ms on a 1B shape
-    (``bench_unload.py --norm-variants``, docs/results/performance.md).
+    a NaN or Inf still makes the norm non-finite), 16 rows per step, one warp, no software
+    pipelining (which took the kernel to 255 registers and spills for sm_90). The kernel is bound
+    by the latency of its loads, so what counts is how many programs wait on memory at once: one
+    warp and 16 rows per step take 71 registers per thread, 28 programs per SM, against 128
+    registers and 8 programs with 2 warps and 32 rows (``benchmarks/kernel_resources.py``). On an
+    H200 this took the 1B shape's norms from 58-60 to 43-44 µs (replayed as a graph; 70-75 against
+    86-91 µs beside the sampled statistics, as an unload runs them). Before, fp32 products on the
+    CUDA cores (16 rows per step, 4 warps, pipelined) had taken 0.45 ms on a 7B shape, 32 rows and
+    2 warps on the tensor cores 0.21 ms (``bench_unload.py --norm-variants``,
+    docs/results/performance.md).
     ``slices`` is for tests; ``programs``, ``chunk``, ``warps``, ``precision`` (tl.dot's
     ``input_precision``: "tf32x3", or "ieee" on the CUDA cores) and ``stages`` (triton's software
     pipelining of the loads; 1 = none) for the benchmark.
