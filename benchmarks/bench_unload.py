@@ -221,8 +221,8 @@ def behind_queued_work(enqueue, device, prepare, reps, warmup):
     timed by CUDA events from the end of the matmuls to the end of everything it launched (its
     re-init included). CUDA only. Where the unload's host work outlasts nothing, this is its GPU
     time. (In training ``unload_`` then reads its statistics, which empties the queue: the next
-    step's launches start from an idle GPU; the training-step benchmark measures that. Up to
-    ``3fd7617``'s runs this row timed ``unload_`` itself, the end event recorded after that read
+    step's launches start from an idle GPU; the training-step benchmark measures that. Up to the
+    runs of ``f47cbdc`` this row timed ``unload_`` itself, the end event recorded after that read
     and the host's work after it.)"""
     a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
