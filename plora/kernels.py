@@ -677,8 +677,9 @@ def update_norms_(norms: NormTable, stats: torch.Tensor, *, gate: torch.Tensor |
     a NaN or Inf still makes the norm non-finite), 16 rows per step, one warp, no software
     pipelining (which took the kernel to 255 registers and spills for sm_90). The kernel is bound
     by the latency of its loads, so what counts is how many programs wait on memory at once: one
-    warp and 16 rows per step take 71 registers per thread, 28 programs per SM, against 128
-    registers and 8 programs with 2 warps and 32 rows (``benchmarks/kernel_resources.py``). On an
+    warp and 16 rows per step take 89 registers per thread, 21 programs per SM, against 115
+    registers and 8 programs with 2 warps and 32 rows (``benchmarks/kernel_resources.py``, triton
+    3.6; 71 and 28 against 128 and 8 with triton 3.9). On an
     H200 this took the 1B shape's norms from 58-60 to 43-44 µs (replayed as a graph; 70-75 against
     86-91 µs beside the sampled statistics, as an unload runs them). Before, fp32 products on the
     CUDA cores (16 rows per step, 4 warps, pipelined) had taken 0.45 ms on a 7B shape, 32 rows and
