@@ -1,23 +1,21 @@
-"""Probe (device only): host micro-costs of the plan's check, GPU spans of the ahead work, norm variants."""
-import json, os, statistics, sys, time, operator
+"""Probe (device only, from the project root): the host's cost of each part of a kept plan's check,
+the GPU span of each of its launch sequences and of kernel options, on the 1B shape.
+
+    python .../scripts/probe_parts.py norms   # on 59f78ca (head_probe/): the norm kernel's options, partial Gram matrices
+    python .../scripts/probe_parts.py gate    # on 78e9438 (gate/): the cheap gate's options instead
+"""
+import functools, json, os, statistics, sys, time, operator
 import torch
-sys.path.insert(0, "benchmarks")
-import bench_unload
-import plora
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from probe_common import graph_of, kept_plan, span
 from plora import kernels, unload_plan as up
-from plora.layers import adapted_layers
-from plora.unload_plan import UnloadPlan
 import triton, triton.language as tl
 
+variants = sys.argv[1] if len(sys.argv) > 1 else "norms"
+assert variants in ("norms", "gate"), variants
+ahead_kw = {"exact": False} if variants == "gate" else {}  # 78e9438's device-checked launch
 out = {}
-dev = "cuda"
-model = bench_unload.build("llama-3.2-1b", dev)
-layers = adapted_layers(model)
-plan = UnloadPlan(layers)
-for i in range(4):
-    plora.unload_(model, 1.0, merge_precision="direct", residuals={}, plan=plan, unload_index=i, landed_sample_rows=64)
-    bench_unload.randomise_b(model)
-torch.cuda.synchronize()
+model, plan = kept_plan("direct", redraw=True)
 work = plan._devices[0]
 
 def host_us(fn, n=400):
@@ -57,8 +55,9 @@ def ctx():
 h["cuda_device_with"] = host_us(ctx)
 ents = plan._graphs._entries
 out["graph_keys"] = [str(k) for k in ents]
-ahead_g = ents[("ahead", 64)][0]
-upd_key = [k for k in ents if k[0] == "updates"][0]
+# ("ahead", 64), on 78e9438 ("ahead", 64, False); ("updates", 64, True) and ("updates", 64, True, True)
+ahead_g = next(entry for key, entry in ents.items() if key[0] == "ahead")[0]
+upd_key = [k for k in ents if k[0] == "updates" and k[-1]][0]
 upd_g = ents[upd_key][0]
 def replay_host(g, n=30):
     ts = []
@@ -68,55 +67,36 @@ def replay_host(g, n=30):
     return min(ts), statistics.median(ts)
 h["replay_ahead_host"] = replay_host(ahead_g)
 h["replay_updates_host"] = replay_host(upd_g)
-h["launch_ahead_call"] = host_us(lambda: plan.launch_ahead_(plan._key[0], (0, 0, 64)), n=50)
+h["launch_ahead_call"] = host_us(lambda: plan.launch_ahead_(plan._key[0], (0, 0, 64), **ahead_kw), n=50)
 torch.cuda.synchronize()
 out["host_us_min_median"] = h
 
-def span(fn, n=30, back_to_back=False):
-    """median GPU span (µs) of fn's work, from idle, CUDA events."""
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    ts = []
-    for _ in range(n):
-        torch.cuda.synchronize()
-        torch.cuda._sleep(200000)  # ~100 µs of busy GPU so that launch latency is excluded
-        e0.record(); fn(); e1.record(); e1.synchronize()
-        ts.append(e0.elapsed_time(e1) * 1e3)
-    return round(min(ts), 1), round(statistics.median(ts), 1)
-
-def graph_of(fn):
-    s = torch.cuda.Stream(); s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn(); fn()
-    torch.cuda.current_stream().wait_stream(s); torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    torch.cuda.synchronize()
-    return g
-
+span30 = functools.partial(span, n=30)  # as these probes ran
 g_sp = {}
-g_sp["ahead_graph"] = span(ahead_g.replay)
-g_sp["updates_graph"] = span(upd_g.replay)
-g_sp["ahead_then_updates"] = span(lambda: (ahead_g.replay(), upd_g.replay()))
+g_sp["ahead_graph"] = span30(ahead_g.replay)
+g_sp["updates_graph"] = span30(upd_g.replay)
+g_sp["ahead_then_updates"] = span30(lambda: (ahead_g.replay(), upd_g.replay()))
 seed_tables = plan._seed_keys(0, 0)
 def stats_only():
     work.stats.zero_()
     up._branches(up._group_launches(work, seed_tables[0][0], 64, "stats", {}), d)
-g_sp["stats_only"] = span(graph_of(stats_only).replay)
+g_sp["stats_only"] = span30(graph_of(stats_only).replay)
 def norms_variant(**kw):
     def fn():
         work.gate.fill_(1)
         for nt in work.norms:
             kernels.update_norms_(nt, work.stats, gate=work.gate, zero_sums=False, **kw)
     return fn
-g_sp["norms_default"] = span(graph_of(norms_variant()).replay)
-for programs in (1024, 2048, 8192, 16384):
-    g_sp[f"norms_programs{programs}"] = span(graph_of(norms_variant(programs=programs)).replay)
-for chunk in (64, 128):
-    g_sp[f"norms_chunk{chunk}"] = span(graph_of(norms_variant(chunk=chunk)).replay)
-    g_sp[f"norms_chunk{chunk}_p1024"] = span(graph_of(norms_variant(chunk=chunk, programs=1024)).replay)
-g_sp["norms_tf32"] = span(graph_of(norms_variant(precision="tf32")).replay)
-g_sp["norms_warps4"] = span(graph_of(norms_variant(warps=4)).replay)
+g_sp["norms_default"] = span30(graph_of(norms_variant()).replay)
+if variants == "norms":
+    for programs in (1024, 2048, 8192, 16384):
+        g_sp[f"norms_programs{programs}"] = span30(graph_of(norms_variant(programs=programs)).replay)
+    for chunk in (64, 128):
+        g_sp[f"norms_chunk{chunk}"] = span30(graph_of(norms_variant(chunk=chunk)).replay)
+        g_sp[f"norms_chunk{chunk}_p1024"] = span30(graph_of(norms_variant(chunk=chunk, programs=1024)).replay)
+    g_sp["norms_tf32"] = span30(graph_of(norms_variant(precision="tf32")).replay)
+    g_sp["norms_warps4"] = span30(graph_of(norms_variant(warps=4)).replay)
+
 
 # partial sums instead of atomics
 gram_block = kernels.gram_block
@@ -165,32 +145,56 @@ def parts_norms(PARTS, TABLE, ALPHAS, STATS, GATE, S, KPAD: tl.constexpr, SB: tl
     tl.store(STATS + 3 * row, norm2)
     tl.store(GATE, tl.full([], 0, tl.uint8), mask=(norm2 != norm2) | (tl.abs(norm2) == float("inf")))
 
-def parts_variant(programs=4096, chunk=32, warps=2, sb=8, precision="tf32x3"):
-    nts = work.norms
-    bufs = []
-    for nt in nts:
-        G = nt.table.shape[1]
-        S = max(1, min(-(-nt.longest // chunk), -(-programs // G)))
-        bufs.append((S, torch.empty(G * S * 2 * nt.kpad * nt.kpad, dtype=torch.float32, device=d)))
-    def fn():
-        work.gate.fill_(1)
-        for nt, (S, parts) in zip(nts, bufs):
+if variants == "norms":
+    def parts_variant(programs=4096, chunk=32, warps=2, sb=8, precision="tf32x3"):
+        nts = work.norms
+        bufs = []
+        for nt in nts:
             G = nt.table.shape[1]
-            grams_parts[(G, S)](nt.table, parts, FACTOR_DTYPE=kernels._TL_DTYPE[nt.factor_dtype], BLOCK_K=16,
-                                CHUNK=chunk, KPAD=nt.kpad, PRECISION=precision, num_warps=warps)
-            parts_norms[(G,)](parts, nt.table, nt.alphas, work.stats, work.gate, S, KPAD=nt.kpad, SB=sb, num_warps=4)
-    return fn
-# correctness against the default
-norms_variant()(); torch.cuda.synchronize(); ref = work.stats[:, 0].clone()
-parts_variant()(); torch.cuda.synchronize(); got = work.stats[:, 0].clone()
-out["parts_max_rel_err"] = float(((got - ref).abs() / ref.abs().clamp_min(1e-30)).max())
-for programs in (1024, 2048, 4096, 8192):
-    g_sp[f"parts_programs{programs}"] = span(graph_of(parts_variant(programs=programs)).replay)
-g_sp["parts_p4096_chunk64"] = span(graph_of(parts_variant(chunk=64)).replay)
-g_sp["parts_p2048_chunk64"] = span(graph_of(parts_variant(programs=2048, chunk=64)).replay)
-g_sp["parts_p4096_tf32"] = span(graph_of(parts_variant(precision="tf32")).replay)
-g_sp["parts_p4096_sb16"] = span(graph_of(parts_variant(sb=16)).replay)
-g_sp["sleep_only"] = span(lambda: None)
+            S = max(1, min(-(-nt.longest // chunk), -(-programs // G)))
+            bufs.append((S, torch.empty(G * S * 2 * nt.kpad * nt.kpad, dtype=torch.float32, device=d)))
+        def fn():
+            work.gate.fill_(1)
+            for nt, (S, parts) in zip(nts, bufs):
+                G = nt.table.shape[1]
+                grams_parts[(G, S)](nt.table, parts, FACTOR_DTYPE=kernels._TL_DTYPE[nt.factor_dtype], BLOCK_K=16,
+                                    CHUNK=chunk, KPAD=nt.kpad, PRECISION=precision, num_warps=warps)
+                parts_norms[(G,)](parts, nt.table, nt.alphas, work.stats, work.gate, S, KPAD=nt.kpad, SB=sb, num_warps=4)
+        return fn
+    # correctness against the default
+    norms_variant()(); torch.cuda.synchronize(); ref = work.stats[:, 0].clone()
+    parts_variant()(); torch.cuda.synchronize(); got = work.stats[:, 0].clone()
+    out["parts_max_rel_err"] = float(((got - ref).abs() / ref.abs().clamp_min(1e-30)).max())
+    for programs in (1024, 2048, 4096, 8192):
+        g_sp[f"parts_programs{programs}"] = span30(graph_of(parts_variant(programs=programs)).replay)
+    g_sp["parts_p4096_chunk64"] = span30(graph_of(parts_variant(chunk=64)).replay)
+    g_sp["parts_p2048_chunk64"] = span30(graph_of(parts_variant(programs=2048, chunk=64)).replay)
+    g_sp["parts_p4096_tf32"] = span30(graph_of(parts_variant(precision="tf32")).replay)
+    g_sp["parts_p4096_sb16"] = span30(graph_of(parts_variant(sb=16)).replay)
+else:
+    def gate_variant(**kw):
+        def fn():
+            work.gate.fill_(1)
+            for nt in work.norms:
+                kernels.factor_gate_(nt, work.gate, **kw)
+        return fn
+    g_sp["gate_default"] = span30(graph_of(gate_variant()).replay)
+    for programs in (512, 1024, 4096):
+        g_sp[f"gate_programs{programs}"] = span30(graph_of(gate_variant(programs=programs)).replay)
+    for chunk in (16, 32, 128):
+        g_sp[f"gate_chunk{chunk}"] = span30(graph_of(gate_variant(chunk=chunk)).replay)
+    g_sp["gate_warps2"] = span30(graph_of(gate_variant(warps=2)).replay)
+    g_sp["gate_warps8"] = span30(graph_of(gate_variant(warps=8)).replay)
+    def ahead_variant(**kw):
+        def fn():
+            work.stats.zero_()
+            work.gate.fill_(1)
+            up._branches([gate_variant(**kw)] + up._group_launches(work, seed_tables[0][0], 64, "stats", {}), d)
+        return fn
+    g_sp["ahead_gate_default"] = span30(graph_of(ahead_variant()).replay)
+    g_sp["ahead_gate_p512"] = span30(graph_of(ahead_variant(programs=512)).replay)
+    g_sp["ahead_gate_p1024"] = span30(graph_of(ahead_variant(programs=1024)).replay)
+g_sp["sleep_only"] = span30(lambda: None)
 out["gpu_span_us_min_median"] = g_sp
 out["factor_dtypes"] = [str(nt.factor_dtype) for nt in work.norms]
 out["G"] = [nt.table.shape[1] for nt in work.norms]
